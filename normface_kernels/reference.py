@@ -1,0 +1,168 @@
+"""The executable form of SPEC.md: plain PyTorch, clear rather than fast.
+
+Every other backend (cpu, triton, cuda) is tested against these functions. They build the full
+(B, C) cosine matrix and let autograd produce every gradient, so they are the ground truth for
+values *and* derivatives. Shapes:
+
+    features  (B, D)   one embedding per sample (paper: f)
+    weight    (C, D)   one agent per class (paper: columns of W; here rows, like nn.Linear)
+    labels    (B,)     int64 class index in [0, C) or ignore_index
+    scale     float or 0-dim tensor (paper's s; a tensor with requires_grad is the learned scale)
+
+Per-sample losses are computed in float32 (float64 for float64 inputs) and returned in that
+dtype; ``reduce_loss`` applies "mean" | "sum" | "none".
+"""
+
+import math
+
+import torch
+
+# Clamp of cos(theta) before arccos (SPEC: theta = arccos(clamp(cos, -1 + 1e-7, 1 - 1e-7))).
+COS_CLAMP = 1e-7
+
+
+def _acc_dtype(x):
+    """float32 accumulation for every input dtype; float64 stays float64 (gradcheck)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _norm(x, eps):
+    """||x|| with eps inside the root, as every backend defines it: sqrt(sum x^2 + eps)."""
+    return torch.sqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def l2_normalize(x, eps=1e-12):
+    """x / sqrt(sum x^2 + eps) along the last dim (paper eq. 3); result in x's dtype."""
+    xa = x.to(_acc_dtype(x))
+    return (xa / _norm(xa, eps)).to(x.dtype)
+
+
+def cosine_logits(features, weight, scale=1.0, eps=1e-12):
+    """(B, C) matrix s * cos(f_i, W_j), in the accumulation dtype."""
+    f = features.to(_acc_dtype(features))
+    w = weight.to(f.dtype)
+    return scale * ((f / _norm(f, eps)) @ (w / _norm(w, eps)).t())
+
+
+def psi(cos_target, m1=1.0, m2=0.0, m3=0.0):
+    """The margin function of SPEC.md, monotone and continuous on theta in [0, pi].
+
+    psi(theta) = (-1)^k cos(m1 theta + m2) - 2k - m3,  k = floor((m1 theta + m2) / pi).
+    Without an angular margin (m1 = 1, m2 = 0) cos(arccos(c)) is c itself, so psi is computed as
+    clamp(c) - m3 directly: the same number, without the round trip through arccos.
+    """
+    c = cos_target.clamp(-1.0 + COS_CLAMP, 1.0 - COS_CLAMP)
+    if m1 == 1.0 and m2 == 0.0:
+        return c - m3
+    theta = torch.arccos(c)
+    angle = m1 * theta + m2
+    k = torch.floor(angle / math.pi).detach()
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)  # (-1)^k
+    return sign * torch.cos(angle) - 2.0 * k - m3
+
+
+def _valid(labels, ignore_index):
+    return labels != ignore_index
+
+
+def cosine_softmax(features, weight, labels, scale=30.0, *, m1=1.0, m2=0.0, m3=0.0, lam=0.0,
+                   normalize_features=True, normalize_weight=True, ignore_index=-100, eps=1e-12):
+    """Per-sample loss_i = logsumexp_j z_ij - z_iy (SPEC "Cosine softmax with margins"), (B,)."""
+    acc = _acc_dtype(features)
+    f = features.to(acc)
+    w = weight.to(acc)
+    f_norm = _norm(f, eps)                       # (B, 1)
+    w_norm = _norm(w, eps)                       # (C, 1)
+    cos = (f / f_norm) @ (w / w_norm).t()        # (B, C)
+    a = torch.ones_like(f_norm) if normalize_features else f_norm
+    b = torch.ones_like(w_norm) if normalize_weight else w_norm
+    s = scale.to(acc) if torch.is_tensor(scale) else scale
+
+    valid = _valid(labels, ignore_index)
+    y = torch.where(valid, labels, torch.zeros_like(labels))
+    cos_y = cos.gather(1, y[:, None])            # (B, 1)
+    t = (lam * cos_y + psi(cos_y, m1, m2, m3)) / (1.0 + lam)
+    z = s * a * b.t() * cos                      # (B, C)
+    z_y = s * a * b[y] * t                       # (B, 1)
+    onehot = torch.nn.functional.one_hot(y, weight.shape[0]).to(torch.bool)
+    z = torch.where(onehot, z_y.expand_as(z), z)
+    loss = torch.logsumexp(z, dim=1) - z_y[:, 0]
+    return torch.where(valid, loss, torch.zeros_like(loss))
+
+
+def _agent_distance(features, weight, eps):
+    """d_ij = ||f~_i - W~_j||^2 = 2 - 2 cos_ij (paper section 4), (B, C)."""
+    return 2.0 - 2.0 * cosine_logits(features, weight, 1.0, eps)
+
+
+def _target_distance(d, labels, ignore_index):
+    valid = _valid(labels, ignore_index)
+    y = torch.where(valid, labels, torch.zeros_like(labels))
+    onehot = torch.nn.functional.one_hot(y, d.shape[1]).to(torch.bool)
+    return valid, onehot, d.gather(1, y[:, None])[:, 0]
+
+
+def c_contrastive(features, weight, labels, *, pos_margin=0.0, neg_margin=1.0, ignore_index=-100,
+                  eps=1e-12):
+    """Paper eq. 10 with agents: relu(d_iy - pos_margin) + sum_{j != y} relu(neg_margin - d_ij)."""
+    d = _agent_distance(features, weight, eps)
+    valid, onehot, d_y = _target_distance(d, labels, ignore_index)
+    negatives = torch.where(onehot, torch.zeros_like(d), torch.relu(neg_margin - d)).sum(dim=1)
+    loss = torch.relu(d_y - pos_margin) + negatives
+    return torch.where(valid, loss, torch.zeros_like(loss))
+
+
+def c_triplet(features, weight, labels, *, margin=0.8, hardest_only=True, center=False,
+              ignore_index=-100, eps=1e-12):
+    """Paper eq. 11 with agents; hardest_only uses the nearest wrong agent (first on ties)."""
+    d = _agent_distance(features, weight, eps)
+    valid, onehot, d_y = _target_distance(d, labels, ignore_index)
+    if hardest_only:
+        d_neg = torch.where(onehot, torch.full_like(d, math.inf), d)
+        hardest = d_neg.argmin(dim=1, keepdim=True)      # first index among equal distances
+        d_min = d_neg.gather(1, hardest)[:, 0]            # NaN wins argmin, so NaN propagates
+        loss = torch.relu(margin + d_y - d_min)
+    else:
+        hinge = torch.relu(margin + d_y[:, None] - d)
+        loss = torch.where(onehot, torch.zeros_like(hinge), hinge).sum(dim=1)
+    if center:
+        loss = loss + d_y
+    return torch.where(valid, loss, torch.zeros_like(loss))
+
+
+def center_loss(features, weight, labels, *, ignore_index=-100, eps=1e-12):
+    """Center loss on the hypersphere: d_iy = 2 - 2 cos_iy."""
+    d = _agent_distance(features, weight, eps)
+    valid, _, d_y = _target_distance(d, labels, ignore_index)
+    return torch.where(valid, d_y, torch.zeros_like(d_y))
+
+
+def reduce_loss(loss, labels, ignore_index, reduction):
+    """'mean' over non-ignored samples (0 when there are none), 'sum', or 'none'."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        count = (labels != ignore_index).sum().clamp(min=1)
+        return loss.sum() / count.to(loss.dtype)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def softmax_loss_bound(num_classes, scale):
+    """Proposition 2: log(1 + (n - 1) exp(-n / (n - 1) * s)), the lowest loss reachable at scale s."""
+    n = float(num_classes)
+    if n < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    return math.log1p((n - 1.0) * math.exp(-n / (n - 1.0) * float(scale)))
+
+
+def scale_for_loss(num_classes, target_loss):
+    """The smallest s with softmax_loss_bound(n, s) <= target (Proposition 2 solved for s)."""
+    n = float(num_classes)
+    if n < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if not target_loss > 0:
+        raise ValueError(f"target_loss must be > 0, got {target_loss}")
+    # bound(s) <= L  <=>  s >= (n-1)/n * log((n-1) / expm1(L)); the bound decreases in s.
+    return max(0.0, (n - 1.0) / n * math.log((n - 1.0) / math.expm1(target_loss)))
