@@ -101,10 +101,7 @@ def _build_ext():
 
 
 setup(
-    name="normface_kernels",
-    version="0.1.0",
     packages=find_packages(include=["normface_kernels", "normface_kernels.*"]),
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
-    python_requires=">=3.10",
 )
