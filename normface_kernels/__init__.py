@@ -1,0 +1,47 @@
+"""normface_kernels: fused kernels for hypersphere embedding losses with very many classes.
+
+NormFace (Wang et al. 2017) and its family -- scaled cosine softmax with a learnable scale,
+CosFace / ArcFace / SphereFace / L-Softmax margins, and the agent losses (C-contrastive,
+C-triplet, center) -- computed without materializing the (B, C) logits matrix.
+
+    import normface_kernels as nk
+    loss = nk.cosine_softmax(features, weight, labels, scale=30.0, m2=0.5)   # ArcFace
+    criterion = nk.NormFaceLoss(512, 100_000)                                 # learned scale
+"""
+
+import torch
+
+# The C++ library registers every op schema and the CPU (and, when built, CUDA) kernels.
+# A failed load leaves backend="reference" (and "triton") usable and says why on use.
+try:
+    from . import _C  # noqa: F401
+    _cpp_error = None
+except ImportError as error:  # pragma: no cover - exercised only on broken installs
+    _cpp_error = error
+
+if _cpp_error is None:
+    from . import ops as _ops
+
+    _ops.register_cpp_ops()
+
+from .functional import (  # noqa: E402
+    BACKENDS,
+    c_contrastive,
+    c_triplet,
+    center_loss,
+    cosine_logits,
+    cosine_softmax,
+    has_cuda_kernels,
+    has_triton,
+    l2_normalize,
+    scale_for_loss,
+    softmax_loss_bound,
+)
+from .modules import NormFaceLoss  # noqa: E402
+
+__all__ = [
+    "BACKENDS", "NormFaceLoss", "c_contrastive", "c_triplet", "center_loss", "cosine_logits",
+    "cosine_softmax", "has_cuda_kernels", "has_triton", "l2_normalize", "scale_for_loss",
+    "softmax_loss_bound",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,292 @@
+"""Public functional API (SPEC.md "Public" lines): argument checks, backend choice, reduction.
+
+Shapes everywhere: features (B, D), weight (C, D), labels (B,) int64, scale float or 0-dim tensor.
+`backend` is "auto" | "reference" | "cpu" | "triton" | "cuda"; every backend computes the same
+per-sample losses (float32, float64 for float64 inputs) and the same gradients.
+"""
+
+import math
+import os
+
+import torch
+
+from . import reference
+from .reference import reduce_loss, scale_for_loss, softmax_loss_bound  # noqa: F401 (public)
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+REDUCTIONS = ("mean", "sum", "none")
+# Which GPU backend "auto" prefers when both are built, first wins. Triton first: it is the one
+# whose kernels are also exercised in CI (interpreter); revisit with the GPU benchmark results.
+AUTO_GPU_ORDER = ("triton", "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend discovery
+# ---------------------------------------------------------------------------------------------
+
+def _cpp_loaded():
+    from . import _cpp_error
+    return _cpp_error is None
+
+
+def has_cuda_kernels():
+    """True when normface_kernels._C was built with the CUDA kernels (csrc/cuda)."""
+    return _cpp_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "normface::cosine_softmax_forward", "CUDA")
+
+
+def has_triton():
+    """True when Triton imports and the Triton ops are registered."""
+    try:
+        from . import triton as _nf_triton  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(torch.ops.normface, "triton_cosine_softmax_forward")
+
+
+def _triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _unavailable(backend, why):
+    return RuntimeError(f"backend={backend!r} is not available: {why}")
+
+
+def resolve_backend(backend, device):
+    """The concrete backend for tensors on `device`; raises naming what is missing."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            for candidate in AUTO_GPU_ORDER:
+                if (candidate == "triton" and has_triton()) or (
+                        candidate == "cuda" and has_cuda_kernels()):
+                    return candidate
+            return "reference"
+        return "cpu" if device.type == "cpu" and _cpp_loaded() else "reference"
+    if backend == "cpu":
+        if not _cpp_loaded():
+            from . import _cpp_error
+            raise _unavailable("cpu", f"normface_kernels._C did not load ({_cpp_error})")
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got features on {device}")
+    elif backend == "cuda":
+        if not has_cuda_kernels():
+            raise _unavailable("cuda", "normface_kernels._C was built without CUDA kernels "
+                               "(no CUDA toolkit at build time, or NORMFACE_NO_CUDA=1)")
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got features on {device}")
+    elif backend == "triton":
+        if not has_triton():
+            raise _unavailable("triton", "the triton package is not installed (pip install triton)")
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreted()):
+            raise ValueError("backend='triton' needs CUDA tensors (or CPU tensors with "
+                             f"TRITON_INTERPRET=1), got features on {device}")
+    return backend
+
+
+def _op(name, backend):
+    prefix = "triton_" if backend == "triton" else ""
+    return getattr(torch.ops.normface, prefix + name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (SPEC "Bad input"): ValueError naming the argument, before any kernel runs.
+# ---------------------------------------------------------------------------------------------
+
+def _check_tensor(name, x, dim):
+    if not torch.is_tensor(x):
+        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.dim() != dim:
+        shape = "(B, D)" if name == "features" else "(C, D)" if name == "weight" else "(B,)"
+        raise ValueError(f"{name} must be {dim}-D {shape}, got shape {tuple(x.shape)}")
+
+
+def _check_inputs(features, weight, labels=None):
+    _check_tensor("features", features, 2)
+    _check_tensor("weight", weight, 2)
+    if not features.is_floating_point():
+        raise ValueError(f"features must be a floating tensor, got {features.dtype}")
+    if weight.dtype != features.dtype:
+        raise ValueError(f"weight must have the dtype of features ({features.dtype}), "
+                         f"got {weight.dtype}")
+    if weight.device != features.device:
+        raise ValueError(f"weight must be on the device of features ({features.device}), "
+                         f"got {weight.device}")
+    if features.shape[1] != weight.shape[1]:
+        raise ValueError(f"features and weight must have the same D, got features "
+                         f"{tuple(features.shape)} and weight {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one class (C > 0), got shape "
+                         f"{tuple(weight.shape)}")
+    if labels is None:
+        return None
+    _check_tensor("labels", labels, 1)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+    if labels.shape[0] != features.shape[0]:
+        raise ValueError(f"labels must have one entry per row of features, got labels "
+                         f"{tuple(labels.shape)} and features {tuple(features.shape)}")
+    if labels.device != features.device:
+        raise ValueError(f"labels must be on the device of features ({features.device}), "
+                         f"got {labels.device}")
+    return labels.long()
+
+
+def _check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_labels_range(labels, num_classes, ignore_index):
+    """The reference backend's own label check (the C++ ops check inside the op)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        raise ValueError(f"labels must be in [0, {num_classes}) or equal ignore_index "
+                         f"({ignore_index}); got {int(labels[bad][0])}")
+
+
+def _scale_tensor(scale, features):
+    """A float scale becomes a 0-dim tensor on features' device; a tensor is checked and kept."""
+    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    if torch.is_tensor(scale):
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a number or a 0-dim tensor, got shape "
+                             f"{tuple(scale.shape)}")
+        if not scale.is_floating_point():
+            raise ValueError(f"scale must be floating, got {scale.dtype}")
+        return scale.reshape(())
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise ValueError(f"scale must be a float or a 0-dim tensor, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return torch.tensor(float(scale), dtype=acc, device=features.device)
+
+
+def _check_finite(name, value):
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def _prepare(features, weight, labels, ignore_index, reduction, backend):
+    labels = _check_inputs(features, weight, labels)
+    _check_reduction(reduction)
+    backend = resolve_backend(backend, features.device)
+    if backend == "reference":
+        _check_labels_range(labels, weight.shape[0], ignore_index)
+    return labels, backend
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+def l2_normalize(x, eps=1e-12, *, backend="auto"):
+    """x / sqrt(sum x^2 + eps) along the last dim (paper eq. 3); gradient is eq. 4.
+
+    x: (..., D) floating. Returns the same shape and dtype.
+    """
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise ValueError("x must be a floating tensor")
+    backend = resolve_backend(backend, x.device)
+    if backend == "reference":
+        return reference.l2_normalize(x, eps)
+    return _op("l2_normalize", backend)(x, eps)
+
+
+def cosine_logits(features, weight, scale=1.0, *, backend="auto"):
+    """(B, C) matrix s * cos(f_i, W_j) for inference and small C, in the input dtype.
+
+    features: (B, D), weight: (C, D). Differentiable in features, weight and a tensor scale.
+    """
+    _check_inputs(features, weight)
+    s = _scale_tensor(scale, features)
+    backend = resolve_backend(backend, features.device)
+    if backend == "reference":
+        return reference.cosine_logits(features, weight, s).to(features.dtype)
+    if backend == "triton" and hasattr(torch.ops.normface, "triton_cosine_logits"):
+        return torch.ops.normface.triton_cosine_logits(features, weight, s, 1e-12)
+    return torch.ops.normface.cosine_logits(features, weight, s)
+
+
+def cosine_softmax(features, weight, labels, scale=30.0, *, m1=1.0, m2=0.0, m3=0.0, lam=0.0,
+                   normalize_features=True, normalize_weight=True, ignore_index=-100,
+                   reduction="mean", backend="auto"):
+    """Scaled cosine softmax with the margin family of SPEC.md, without a (B, C) logits matrix.
+
+    features: (B, D) float32/float16/bfloat16 (float64 on CPU); weight: (C, D) same dtype;
+    labels: (B,) int64 in [0, C) or ignore_index; scale: float, or 0-dim tensor (learnable).
+    m1 (SphereFace, integer > 1), m2 (ArcFace, radians), m3 (CosFace), lam (SphereFace annealing).
+    Returns the reduced loss (0-dim) or, with reduction="none", per-sample losses (B,), float32.
+    """
+    labels, backend = _prepare(features, weight, labels, ignore_index, reduction, backend)
+    for name, value in (("m1", m1), ("m2", m2), ("m3", m3), ("lam", lam)):
+        _check_finite(name, value)
+    if m1 <= 0:
+        raise ValueError(f"m1 must be > 0, got {m1}")
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    s = _scale_tensor(scale, features)
+    margins = dict(m1=float(m1), m2=float(m2), m3=float(m3), lam=float(lam))
+    if backend == "reference":
+        if not bool(torch.isfinite(s)):
+            raise ValueError(f"scale must be finite, got {float(s)}")
+        loss = reference.cosine_softmax(
+            features, weight, labels, s, normalize_features=normalize_features,
+            normalize_weight=normalize_weight, ignore_index=ignore_index, **margins)
+    else:
+        loss, _ = _op("cosine_softmax_forward", backend)(
+            features, weight, labels, s, margins["m1"], margins["m2"], margins["m3"],
+            margins["lam"], bool(normalize_features), bool(normalize_weight), int(ignore_index),
+            0, -1)
+    return reduce_loss(loss, labels, ignore_index, reduction)
+
+
+def c_contrastive(features, weight, labels, *, pos_margin=0.0, neg_margin=1.0, ignore_index=-100,
+                  reduction="mean", backend="auto"):
+    """C-contrastive loss with class agents (paper eq. 10), d_ij = 2 - 2 cos_ij.
+
+    relu(d_iy - pos_margin) + sum_{j != y_i} relu(neg_margin - d_ij) per sample.
+    features: (B, D), weight: (C, D) agents, labels: (B,). Returns 0-dim or (B,) float32.
+    """
+    labels, backend = _prepare(features, weight, labels, ignore_index, reduction, backend)
+    _check_finite("pos_margin", pos_margin)
+    _check_finite("neg_margin", neg_margin)
+    if backend == "reference":
+        loss = reference.c_contrastive(features, weight, labels, pos_margin=pos_margin,
+                                       neg_margin=neg_margin, ignore_index=ignore_index)
+    else:
+        loss = _op("c_contrastive", backend)(features, weight, labels, float(pos_margin),
+                                             float(neg_margin), int(ignore_index), 0, -1)
+    return reduce_loss(loss, labels, ignore_index, reduction)
+
+
+def c_triplet(features, weight, labels, *, margin=0.8, hardest_only=True, center=False,
+              ignore_index=-100, reduction="mean", backend="auto"):
+    """C-triplet loss with class agents (paper eq. 11), d_ij = 2 - 2 cos_ij.
+
+    hardest_only: relu(margin + d_iy - min_{k != y} d_ik), else the sum over every k != y;
+    center=True adds d_iy ("C-triplet + center"). Returns 0-dim or (B,) float32.
+    """
+    labels, backend = _prepare(features, weight, labels, ignore_index, reduction, backend)
+    _check_finite("margin", margin)
+    if backend == "reference":
+        loss = reference.c_triplet(features, weight, labels, margin=margin,
+                                   hardest_only=hardest_only, center=center,
+                                   ignore_index=ignore_index)
+    else:
+        loss, _ = _op("c_triplet_forward", backend)(
+            features, weight, labels, float(margin), bool(hardest_only), bool(center),
+            int(ignore_index), 0, -1)
+    return reduce_loss(loss, labels, ignore_index, reduction)
+
+
+def center_loss(features, weight, labels, *, ignore_index=-100, reduction="mean",
+                backend="auto"):
+    """Center loss on the hypersphere, d_iy = ||f~_i - W~_y||^2 = 2 - 2 cos_iy per sample."""
+    labels, backend = _prepare(features, weight, labels, ignore_index, reduction, backend)
+    if backend == "reference":
+        loss = reference.center_loss(features, weight, labels, ignore_index=ignore_index)
+    else:
+        loss = _op("center_loss", backend)(features, weight, labels, int(ignore_index), 0, -1)
+    return reduce_loss(loss, labels, ignore_index, reduction)

@@ -1,0 +1,157 @@
+"""Python half of the op registration: fake (meta) kernels and autograd formulas.
+
+The schemas live in csrc/registration.cpp; the math of the backward ops is in docs/kernels.md.
+Each loss op family is registered for a name prefix: "" for the C++ ops (cpu/cuda kernels) and
+"triton_" for the Triton ops of normface_kernels.triton, which share the schemas and formulas.
+"""
+
+import torch
+
+# Loss ops whose backward is a separate op taking (grads..., *inputs, *saved outputs, *params).
+_LOSS_FAMILY = ("l2_normalize", "cosine_softmax_forward", "c_contrastive", "c_triplet_forward",
+                "center_loss")
+
+
+def _loss_dtype(features):
+    """Losses and lse are float32, or float64 for float64 inputs (SPEC: accumulation dtype)."""
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
+
+
+def _check_shapes(features, weight, labels):
+    torch._check(features.dim() == 2, lambda: f"features must be 2-D (B, D), got {features.dim()}-D")
+    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D (C, D), got {weight.dim()}-D")
+    torch._check(labels.dim() == 1, lambda: f"labels must be 1-D (B,), got {labels.dim()}-D")
+    torch._check(features.shape[1] == weight.shape[1],
+                 lambda: "features and weight must have the same D")
+    torch._check(labels.shape[0] == features.shape[0],
+                 lambda: "labels must have one entry per row of features")
+
+
+def _per_sample(features, dtype=None):
+    return features.new_empty((features.shape[0],), dtype=dtype or _loss_dtype(features))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels: shapes and dtypes only, for torch.compile and opcheck.
+# ---------------------------------------------------------------------------------------------
+
+def _register_fakes(prefix):
+    ns = f"normface::{prefix}"
+
+    @torch.library.register_fake(ns + "l2_normalize")
+    def _(x, eps=1e-12):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake(ns + "l2_normalize_backward")
+    def _(grad, x, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake(ns + "cosine_softmax_forward")
+    def _(features, weight, labels, scale, *params):
+        _check_shapes(features, weight, labels)
+        return _per_sample(features), _per_sample(features)
+
+    @torch.library.register_fake(ns + "cosine_softmax_backward")
+    def _(grad_loss, grad_lse, features, weight, labels, scale, lse, *params):
+        return torch.empty_like(features), torch.empty_like(weight), torch.empty_like(scale)
+
+    @torch.library.register_fake(ns + "c_contrastive")
+    def _(features, weight, labels, *params):
+        _check_shapes(features, weight, labels)
+        return _per_sample(features)
+
+    @torch.library.register_fake(ns + "c_triplet_forward")
+    def _(features, weight, labels, *params):
+        _check_shapes(features, weight, labels)
+        return _per_sample(features), _per_sample(features, torch.int64)
+
+    @torch.library.register_fake(ns + "center_loss")
+    def _(features, weight, labels, *params):
+        _check_shapes(features, weight, labels)
+        return _per_sample(features)
+
+    for name in ("c_contrastive_backward", "c_triplet_backward", "center_loss_backward"):
+        @torch.library.register_fake(ns + name)
+        def _(grad_loss, features, weight, *rest):
+            return torch.empty_like(features), torch.empty_like(weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: every forward op saves its inputs (and the outputs the backward needs) and calls the
+# matching *_backward op. Labels and the float/int/bool parameters get no gradient.
+# ---------------------------------------------------------------------------------------------
+
+def _grad_or_zeros(grad, like):
+    """Upstream gradients may be None (output unused) or expanded views (from .sum())."""
+    return torch.zeros_like(like) if grad is None else grad.contiguous()
+
+
+def register_autograd_family(prefix=""):
+    """Register autograd for the ops named `prefix + name` (name in the loss family)."""
+    ns = f"normface::{prefix}"
+    ops = torch.ops.normface
+
+    def backward_op(name):
+        return getattr(ops, prefix + name)
+
+    # l2_normalize: eq. 4.
+    def setup_normalize(ctx, inputs, output):
+        x, eps = inputs
+        ctx.save_for_backward(x)
+        ctx.eps = eps
+
+    def backward_normalize(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return backward_op("l2_normalize_backward")(grad.contiguous(), x, ctx.eps), None
+
+    torch.library.register_autograd(ns + "l2_normalize", backward_normalize,
+                                    setup_context=setup_normalize)
+
+    # cosine_softmax_forward: both outputs (loss, lse) are differentiable.
+    def setup_softmax(ctx, inputs, output):
+        features, weight, labels, scale, *params = inputs
+        ctx.save_for_backward(features, weight, labels, scale, output[1])
+        ctx.params = params
+
+    def backward_softmax(ctx, grad_loss, grad_lse):
+        features, weight, labels, scale, lse = ctx.saved_tensors
+        grad_f, grad_w, grad_s = backward_op("cosine_softmax_backward")(
+            _grad_or_zeros(grad_loss, lse), _grad_or_zeros(grad_lse, lse), features, weight,
+            labels, scale, lse, *ctx.params)
+        needs = ctx.needs_input_grad
+        return ((grad_f if needs[0] else None, grad_w if needs[1] else None, None,
+                 grad_s if needs[3] else None) + (None,) * len(ctx.params))
+
+    torch.library.register_autograd(ns + "cosine_softmax_forward", backward_softmax,
+                                    setup_context=setup_softmax)
+
+    # Agent losses: (features, weight, labels, *params) -> loss [, hardest].
+    def make_agent(backward_name, saves_hardest):
+        def setup(ctx, inputs, output):
+            features, weight, labels, *params = inputs
+            saved = (features, weight, labels) + ((output[1],) if saves_hardest else ())
+            ctx.save_for_backward(*saved)
+            ctx.params = params
+
+        def backward(ctx, grad_loss, *unused):
+            saved = ctx.saved_tensors
+            grad_f, grad_w = backward_op(backward_name)(
+                _grad_or_zeros(grad_loss, _per_sample(saved[0])), *saved, *ctx.params)
+            needs = ctx.needs_input_grad
+            return ((grad_f if needs[0] else None, grad_w if needs[1] else None, None)
+                    + (None,) * len(ctx.params))
+
+        return backward, setup
+
+    for name, backward_name, saves_hardest in (
+            ("c_contrastive", "c_contrastive_backward", False),
+            ("c_triplet_forward", "c_triplet_backward", True),
+            ("center_loss", "center_loss_backward", False)):
+        backward, setup = make_agent(backward_name, saves_hardest)
+        torch.library.register_autograd(ns + name, backward, setup_context=setup)
+
+
+def register_cpp_ops():
+    """Fake kernels and autograd for the ops of normface_kernels._C (called once on import)."""
+    _register_fakes("")
+    register_autograd_family("")
