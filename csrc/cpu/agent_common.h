@@ -1,0 +1,167 @@
+// Shared machinery of the agent losses on CPU (paper section 4, docs/kernels.md "Agent losses"):
+// both sides are always normalized and d_ij = 2 - 2 cos_ij. Every backward is written in terms of
+// Gc_ij = dL/dcos_ij and split into
+//   dense terms   (c_contrastive negatives, c_triplet over all negatives): class blocks, at::mm;
+//   sparse terms  (target and hardest agents): one or two rows of W per sample, no matmul.
+// Rows of W that get a sparse term are held back in a compact (U, D) buffer until every term is
+// in, then pushed through the normalization once (eq. 4). Extra memory O(B*D + C + B*block).
+#pragma once
+
+#include "cpu/cpu_common.h"
+
+namespace normface {
+namespace cpu {
+
+template <typename scalar_t>
+struct AgentSetup {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor f, w;            // contiguous inputs
+  at::Tensor unit_f, norm_f;  // f~ (B, D), ||f|| (B,) in the acc dtype
+  std::vector<acc_t> inv_nw;  // 1 / ||W_j||
+  std::vector<acc_t> d_y;     // d_iy = 2 - 2 cos_iy where the target is local, else 0
+  LocalLabels labels;
+  int64_t B, C, D;
+
+  AgentSetup(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels_in,
+             int64_t ignore_index, int64_t class_start)
+      : f(features.contiguous()), w(weight.contiguous()),
+        B(features.size(0)), C(weight.size(0)), D(features.size(1)) {
+    labels = local_labels(labels_in, ignore_index, class_start, C);
+    unit_f = unit_rows<scalar_t>(f, norm_f);
+    std::vector<acc_t> nw(C);
+    row_norms(w.data_ptr<scalar_t>(), C, D, nw.data());
+    inv_nw.resize(C);
+    for (int64_t j = 0; j < C; ++j) inv_nw[j] = acc_t(1) / nw[j];
+    d_y.resize(B);
+    target_cosines(unit_f.data_ptr<acc_t>(), w.data_ptr<scalar_t>(), nw.data(), labels.target, D,
+                   d_y.data());
+    for (int64_t i = 0; i < B; ++i) d_y[i] = acc_t(2) - acc_t(2) * d_y[i];
+  }
+
+  // d_ij from a raw row of W (the sparse terms): 2 - 2 <f~_i, W_j> / ||W_j||.
+  acc_t distance(int64_t i, int64_t j) const {
+    const acc_t* fi = unit_f.data_ptr<acc_t>() + i * D;
+    const scalar_t* wj = w.data_ptr<scalar_t>() + j * D;
+    acc_t dot = 0;
+    for (int64_t d = 0; d < D; ++d) dot += fi[d] * static_cast<acc_t>(wj[d]);
+    return acc_t(2) - acc_t(2) * dot * inv_nw[j];
+  }
+};
+
+// Walks the class blocks: tile = f~ W_block^T (BLAS), then row_fn(i, j0, n, row) for every row in
+// parallel (row holds <f~_i, W_j> for the block and may be overwritten), then
+// block_fn(j0, n, tile, wb) once per block (wb: the block of W in the acc dtype).
+template <typename scalar_t, typename RowFn, typename BlockFn>
+void walk_class_blocks(const AgentSetup<scalar_t>& st, RowFn&& row_fn, BlockFn&& block_fn) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t block = class_block(st.B, st.C);
+  at::Tensor tile_buf = at::empty({st.B * block}, st.unit_f.options()), w_buf;
+  for (int64_t j0 = 0; j0 < st.C; j0 += block) {
+    const int64_t n = std::min(block, st.C - j0);
+    const at::Tensor wb = weight_block(st.w, j0, n, w_buf);
+    at::Tensor tile = scratch_view(tile_buf, st.B, n);
+    at::mm_out(tile, st.unit_f, wb.t());
+    acc_t* tp = tile.template data_ptr<acc_t>();
+    at::parallel_for(0, st.B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) row_fn(i, j0, n, tp + i * n);
+    });
+    block_fn(j0, n, tile, wb);
+  }
+}
+
+// Gradient accumulator of an agent loss backward (see the file comment).
+template <typename scalar_t>
+struct AgentGrads {
+  using acc_t = at::opmath_type<scalar_t>;
+  const AgentSetup<scalar_t>& st;
+  at::Tensor grad_unit_f;            // (B, D) acc: sum_j Gc_ij W~_j
+  at::Tensor grad_w;                 // (C, D) output, input dtype
+  std::vector<int64_t> slot;         // (C,) compact slot of a held row, or -1
+  std::vector<int64_t> held_class;   // slot -> class
+  at::Tensor held;                   // (U, D) acc: sum_i Gc_ij f~_i / ||W_j|| of held rows
+
+  // sparse_classes: every local class that will get a sparse term (-1 entries are skipped).
+  // Without a dense pass the rows no term touches have a zero gradient.
+  AgentGrads(const AgentSetup<scalar_t>& setup, const std::vector<int64_t>& sparse_classes,
+             bool dense)
+      : st(setup), slot(setup.C, -1) {
+    grad_unit_f = at::zeros({st.B, st.D}, st.unit_f.options());
+    grad_w = dense ? at::empty({st.C, st.D}, st.w.options()) : at::zeros({st.C, st.D}, st.w.options());
+    for (int64_t j : sparse_classes) {
+      if (j < 0 || slot[j] >= 0) continue;
+      slot[j] = static_cast<int64_t>(held_class.size());
+      held_class.push_back(j);
+    }
+    held = at::zeros({static_cast<int64_t>(held_class.size()), st.D}, st.unit_f.options());
+  }
+
+  // A dense block whose tile holds P = Gc / ||W_j|| (kernels.md): grad f~ += P @ W_block,
+  // grad W~ / ||W|| = P^T @ f~. Rows without sparse terms are finished here, the others held.
+  void add_dense_block(int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
+    grad_unit_f.addmm_(p, wb);
+    const at::Tensor q = at::mm(p.t(), st.unit_f);  // (n, D)
+    const acc_t* qp = q.template data_ptr<acc_t>();
+    const acc_t* wbp = wb.template data_ptr<acc_t>();
+    acc_t* hp = held.template data_ptr<acc_t>();
+    scalar_t* gw = grad_w.template data_ptr<scalar_t>();
+    const int64_t D = st.D;
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t u = slot[j0 + j];
+        if (u >= 0) {
+          std::copy(qp + j * D, qp + (j + 1) * D, hp + u * D);
+        } else {
+          normalize_backward_row(wbp + j * D, st.inv_nw[j0 + j], qp + j * D, acc_t(1), acc_t(0),
+                                 D, gw + (j0 + j) * D);
+        }
+      }
+    });
+  }
+
+  // One sparse term Gc_ij (dL/dcos_ij): grad f~_i += Gc W~_j and grad W~_j += Gc f~_i. Serial
+  // (samples can share a class), O(D) each.
+  void add_sparse(int64_t i, int64_t j, acc_t gc) {
+    if (gc == acc_t(0)) return;
+    const int64_t D = st.D;
+    const acc_t c = gc * st.inv_nw[j];
+    acc_t* gf = grad_unit_f.template data_ptr<acc_t>() + i * D;
+    const scalar_t* wj = st.w.template data_ptr<scalar_t>() + j * D;
+    acc_t* hj = held.template data_ptr<acc_t>() + slot[j] * D;
+    const acc_t* fi = st.unit_f.template data_ptr<acc_t>() + i * D;
+    for (int64_t d = 0; d < D; ++d) {
+      gf[d] += c * static_cast<acc_t>(wj[d]);
+      hj[d] += c * fi[d];
+    }
+  }
+
+  // Held rows and the features go through the normalization backward (eq. 4).
+  std::tuple<at::Tensor, at::Tensor> finish() {
+    const int64_t D = st.D;
+    const acc_t* hp = held.template data_ptr<acc_t>();
+    const scalar_t* wp = st.w.template data_ptr<scalar_t>();
+    scalar_t* gw = grad_w.template data_ptr<scalar_t>();
+    const int64_t U = static_cast<int64_t>(held_class.size());
+    at::parallel_for(0, U, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t j = held_class[u];
+        normalize_backward_row(wp + j * D, st.inv_nw[j], hp + u * D, acc_t(1), acc_t(0), D,
+                               gw + j * D);
+      }
+    });
+    at::Tensor grad_f = at::empty(st.f.sizes(), st.f.options());
+    const acc_t* guf = grad_unit_f.template data_ptr<acc_t>();
+    const acc_t* nf = st.norm_f.template data_ptr<acc_t>();
+    const scalar_t* fp = st.f.template data_ptr<scalar_t>();
+    scalar_t* gf = grad_f.template data_ptr<scalar_t>();
+    at::parallel_for(0, st.B, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t inv = acc_t(1) / nf[i];
+        normalize_backward_row(fp + i * D, inv, guf + i * D, inv, acc_t(0), D, gf + i * D);
+      }
+    });
+    return {grad_f, grad_w};
+  }
+};
+
+}  // namespace cpu
+}  // namespace normface

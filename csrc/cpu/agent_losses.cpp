@@ -1,0 +1,348 @@
+// Agent losses on CPU (paper section 4, eq. 10 and 11; SPEC "Agent losses"), d_ij = 2 - 2 cos_ij:
+//   c_contrastive  relu(d_iy - pos_margin) + sum_{j != y} relu(neg_margin - d_ij)
+//   c_triplet      hardest: relu(margin + d_iy - min_{k != y} d_ik); all: sum over k != y;
+//                  center adds d_iy
+//   center_loss    d_iy
+// Shards (registration.cpp): c_contrastive sums its local negatives for a row whose target is
+// elsewhere (so shard losses add up to the full loss); c_triplet gives such a row loss 0 and still
+// its hardest local negative; center_loss gives it 0. Ignored rows: loss 0, hardest -1, no grad.
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+#include "cpu/agent_common.h"
+
+namespace normface {
+namespace cpu {
+namespace {
+
+at::Tensor empty_losses(const at::Tensor& features) {
+  return at::empty({features.size(0)}, features.options().dtype(acc_dtype(features.scalar_type())));
+}
+
+template <typename scalar_t>
+std::vector<at::opmath_type<scalar_t>> upstream(const at::Tensor& grad_loss,
+                                                const AgentSetup<scalar_t>& st) {
+  using acc_t = at::opmath_type<scalar_t>;
+  TORCH_CHECK(grad_loss.numel() == st.B, "grad_loss must have B = ", st.B, " entries, got ",
+              grad_loss.sizes());
+  const at::Tensor g = grad_loss.to(st.unit_f.scalar_type()).contiguous();
+  const acc_t* gp = g.template data_ptr<acc_t>();
+  std::vector<acc_t> out(st.B);
+  for (int64_t i = 0; i < st.B; ++i) out[i] = st.labels.ignored[i] ? acc_t(0) : gp[i];
+  return out;
+}
+
+// ---------------------------------------------------------------- c_contrastive (eq. 10)
+
+template <typename scalar_t>
+at::Tensor contrastive_forward(const at::Tensor& features, const at::Tensor& weight,
+                               const at::Tensor& labels, double pos_margin, double neg_margin,
+                               int64_t ignore_index, int64_t class_start) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor loss = empty_losses(features);
+  if (features.size(0) == 0) return loss;
+  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start);
+  const acc_t neg = static_cast<acc_t>(neg_margin), pos = static_cast<acc_t>(pos_margin);
+  std::vector<acc_t> sum(st.B, 0);
+  walk_class_blocks(st, [&](int64_t i, int64_t j0, int64_t n, acc_t* row) {
+    if (st.labels.ignored[i]) return;
+    const int64_t y = st.labels.target[i] - j0;
+    const acc_t* inv_nw = st.inv_nw.data() + j0;
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
+      s += j == y ? acc_t(0) : relu_nan(neg - d);
+    }
+    sum[i] += s;
+  }, [](int64_t, int64_t, const at::Tensor&, const at::Tensor&) {});
+  acc_t* lp = loss.data_ptr<acc_t>();
+  for (int64_t i = 0; i < st.B; ++i) {
+    if (st.labels.ignored[i]) {
+      lp[i] = 0;
+      continue;
+    }
+    lp[i] = sum[i] + (st.labels.target[i] >= 0 ? relu_nan(st.d_y[i] - pos) : acc_t(0));
+  }
+  return loss;
+}
+
+// Gc_ij = 2 g [neg_margin - d_ij > 0] (j != y), Gc_iy = -2 g [d_iy - pos_margin > 0].
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> contrastive_backward(
+    const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
+    const at::Tensor& labels, double pos_margin, double neg_margin, int64_t ignore_index,
+    int64_t class_start) {
+  using acc_t = at::opmath_type<scalar_t>;
+  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start);
+  const std::vector<acc_t> g = upstream(grad_loss, st);
+  const acc_t neg = static_cast<acc_t>(neg_margin), pos = static_cast<acc_t>(pos_margin);
+  AgentGrads<scalar_t> grads(st, st.labels.target, /*dense=*/true);
+  walk_class_blocks(st, [&](int64_t i, int64_t j0, int64_t n, acc_t* row) {
+    const int64_t y = st.labels.target[i] - j0;
+    const acc_t* inv_nw = st.inv_nw.data() + j0;
+    const acc_t two_g = acc_t(2) * g[i];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
+      const bool active = j != y && neg - d > acc_t(0);
+      row[j] = active ? two_g * inv_nw[j] : acc_t(0);  // Gc / ||W_j||
+    }
+  }, [&](int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
+    grads.add_dense_block(j0, n, p, wb);
+  });
+  for (int64_t i = 0; i < st.B; ++i) {
+    const int64_t y = st.labels.target[i];
+    if (y >= 0 && st.d_y[i] - pos > acc_t(0)) grads.add_sparse(i, y, acc_t(-2) * g[i]);
+  }
+  return grads.finish();
+}
+
+// ---------------------------------------------------------------- c_triplet (eq. 11)
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> triplet_forward(const at::Tensor& features,
+                                                   const at::Tensor& weight,
+                                                   const at::Tensor& labels, double margin_in,
+                                                   bool hardest_only, bool center,
+                                                   int64_t ignore_index, int64_t class_start) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor loss = empty_losses(features);
+  at::Tensor hardest = at::full({features.size(0)}, -1, features.options().dtype(at::kLong));
+  if (features.size(0) == 0) return {loss, hardest};
+  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start);
+  const acc_t margin = static_cast<acc_t>(margin_in);
+  // hardest_only: running (min d, first index) per row; NaN wins as in torch.argmin.
+  // all: running sum of hinges.
+  std::vector<acc_t> acc(st.B, hardest_only ? std::numeric_limits<acc_t>::infinity() : acc_t(0));
+  int64_t* hp = hardest.data_ptr<int64_t>();
+  walk_class_blocks(st, [&](int64_t i, int64_t j0, int64_t n, acc_t* row) {
+    if (st.labels.ignored[i]) return;
+    const int64_t y = st.labels.target[i] - j0;
+    const acc_t* inv_nw = st.inv_nw.data() + j0;
+    if (hardest_only) {
+      acc_t best = acc[i];
+      int64_t best_j = hp[i];
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
+        // Strict < keeps the first of equal distances; a NaN replaces any non-NaN best once.
+        if (j != y && (d < best || (d != d && best == best))) {
+          best = d;
+          best_j = j0 + j;
+        }
+      }
+      acc[i] = best;
+      hp[i] = best_j;
+    } else {
+      if (st.labels.target[i] < 0) return;  // target elsewhere: no d_iy, loss 0
+      const acc_t base = margin + st.d_y[i];
+      acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
+        s += j == y ? acc_t(0) : relu_nan(base - d);
+      }
+      acc[i] += s;
+    }
+  }, [](int64_t, int64_t, const at::Tensor&, const at::Tensor&) {});
+  acc_t* lp = loss.data_ptr<acc_t>();
+  for (int64_t i = 0; i < st.B; ++i) {
+    if (st.labels.ignored[i] || st.labels.target[i] < 0) {
+      lp[i] = 0;
+      continue;
+    }
+    // No negative (C = 1): min over nothing is +inf, the hinge is relu(-inf) = 0.
+    const acc_t l = hardest_only ? relu_nan(margin + st.d_y[i] - acc[i]) : acc[i];
+    lp[i] = center ? l + st.d_y[i] : l;
+  }
+  return {loss, hardest};
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> triplet_backward(
+    const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
+    const at::Tensor& labels, const at::Tensor& hardest_in, double margin_in, bool hardest_only,
+    bool center, int64_t ignore_index, int64_t class_start) {
+  using acc_t = at::opmath_type<scalar_t>;
+  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start);
+  const std::vector<acc_t> g = upstream(grad_loss, st);
+  const acc_t margin = static_cast<acc_t>(margin_in);
+  // Only rows with a local target carry a loss (and so a gradient).
+  std::vector<int64_t> sparse(st.labels.target);
+  if (!hardest_only) {
+    // Gc_ik = 2 g [margin + d_iy - d_ik > 0]; Gc_iy = -2 g (#active + center) once all are counted.
+    std::vector<acc_t> active(st.B, 0);
+    AgentGrads<scalar_t> grads(st, sparse, /*dense=*/true);
+    walk_class_blocks(st, [&](int64_t i, int64_t j0, int64_t n, acc_t* row) {
+      const int64_t y_abs = st.labels.target[i];
+      const int64_t y = y_abs - j0;
+      const acc_t* inv_nw = st.inv_nw.data() + j0;
+      const acc_t two_g = y_abs >= 0 ? acc_t(2) * g[i] : acc_t(0);
+      const acc_t base = margin + st.d_y[i];
+      acc_t count = 0;
+#pragma omp simd reduction(+ : count)
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
+        const bool on = y_abs >= 0 && j != y && base - d > acc_t(0);
+        count += on ? acc_t(1) : acc_t(0);
+        row[j] = on ? two_g * inv_nw[j] : acc_t(0);
+      }
+      active[i] += count;
+    }, [&](int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
+      grads.add_dense_block(j0, n, p, wb);
+    });
+    for (int64_t i = 0; i < st.B; ++i) {
+      const int64_t y = st.labels.target[i];
+      if (y >= 0) grads.add_sparse(i, y, acc_t(-2) * g[i] * (active[i] + (center ? 1 : 0)));
+    }
+    return grads.finish();
+  }
+  // hardest_only: two rows of W per sample, no matmul (kernels.md).
+  TORCH_CHECK(hardest_in.dim() == 1 && hardest_in.numel() == st.B &&
+                  hardest_in.scalar_type() == at::kLong,
+              "hardest must be int64 of shape (B,) = (", st.B, "), got ", hardest_in.sizes(), " ",
+              hardest_in.scalar_type());
+  const at::Tensor hardest = hardest_in.contiguous();
+  const int64_t* hp = hardest.data_ptr<int64_t>();
+  for (int64_t i = 0; i < st.B; ++i) {
+    TORCH_CHECK(hp[i] >= -1 && hp[i] < st.C, "hardest must be in [-1, ", st.C, "), got ", hp[i]);
+    if (st.labels.target[i] >= 0 && hp[i] >= 0) sparse.push_back(hp[i]);
+  }
+  AgentGrads<scalar_t> grads(st, sparse, /*dense=*/false);
+  for (int64_t i = 0; i < st.B; ++i) {
+    const int64_t y = st.labels.target[i], k = hp[i];
+    if (y < 0) continue;
+    const bool active = k >= 0 && margin + st.d_y[i] - st.distance(i, k) > acc_t(0);
+    const acc_t on = active ? acc_t(1) : acc_t(0);
+    grads.add_sparse(i, y, acc_t(-2) * g[i] * (on + (center ? 1 : 0)));
+    if (active) grads.add_sparse(i, k, acc_t(2) * g[i]);
+  }
+  return grads.finish();
+}
+
+// ---------------------------------------------------------------- center loss
+
+template <typename scalar_t>
+at::Tensor center_forward(const at::Tensor& features, const at::Tensor& weight,
+                          const at::Tensor& labels, int64_t ignore_index, int64_t class_start) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor loss = empty_losses(features);
+  if (features.size(0) == 0) return loss;
+  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start);
+  acc_t* lp = loss.data_ptr<acc_t>();
+  for (int64_t i = 0; i < st.B; ++i) lp[i] = st.labels.target[i] >= 0 ? st.d_y[i] : acc_t(0);
+  return loss;
+}
+
+// Gc_iy = -2 g: one row of W per sample.
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> center_backward(const at::Tensor& grad_loss,
+                                                   const at::Tensor& features,
+                                                   const at::Tensor& weight,
+                                                   const at::Tensor& labels,
+                                                   int64_t ignore_index, int64_t class_start) {
+  using acc_t = at::opmath_type<scalar_t>;
+  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start);
+  const std::vector<acc_t> g = upstream(grad_loss, st);
+  AgentGrads<scalar_t> grads(st, st.labels.target, /*dense=*/false);
+  for (int64_t i = 0; i < st.B; ++i) {
+    if (st.labels.target[i] >= 0) grads.add_sparse(i, st.labels.target[i], acc_t(-2) * g[i]);
+  }
+  return grads.finish();
+}
+
+// ---------------------------------------------------------------- op entry points
+
+#define NF_DISPATCH(features, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (features).scalar_type(), name, __VA_ARGS__)
+
+at::Tensor c_contrastive_cpu(const at::Tensor& features, const at::Tensor& weight,
+                             const at::Tensor& labels, double pos_margin, double neg_margin,
+                             int64_t ignore_index, int64_t class_start, int64_t num_classes) {
+  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+  at::Tensor out;
+  NF_DISPATCH(features, "c_contrastive", [&] {
+    out = contrastive_forward<scalar_t>(features, weight, labels, pos_margin, neg_margin,
+                                        ignore_index, class_start);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> c_contrastive_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
+    const at::Tensor& labels, double pos_margin, double neg_margin, int64_t ignore_index,
+    int64_t class_start, int64_t num_classes) {
+  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+  std::tuple<at::Tensor, at::Tensor> out;
+  NF_DISPATCH(features, "c_contrastive_backward", [&] {
+    out = contrastive_backward<scalar_t>(grad_loss, features, weight, labels, pos_margin,
+                                         neg_margin, ignore_index, class_start);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> c_triplet_forward_cpu(
+    const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels, double margin,
+    bool hardest_only, bool center, int64_t ignore_index, int64_t class_start,
+    int64_t num_classes) {
+  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+  std::tuple<at::Tensor, at::Tensor> out;
+  NF_DISPATCH(features, "c_triplet_forward", [&] {
+    out = triplet_forward<scalar_t>(features, weight, labels, margin, hardest_only, center,
+                                    ignore_index, class_start);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> c_triplet_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
+    const at::Tensor& labels, const at::Tensor& hardest, double margin, bool hardest_only,
+    bool center, int64_t ignore_index, int64_t class_start, int64_t num_classes) {
+  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+  std::tuple<at::Tensor, at::Tensor> out;
+  NF_DISPATCH(features, "c_triplet_backward", [&] {
+    out = triplet_backward<scalar_t>(grad_loss, features, weight, labels, hardest, margin,
+                                     hardest_only, center, ignore_index, class_start);
+  });
+  return out;
+}
+
+at::Tensor center_loss_cpu(const at::Tensor& features, const at::Tensor& weight,
+                           const at::Tensor& labels, int64_t ignore_index, int64_t class_start,
+                           int64_t num_classes) {
+  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+  at::Tensor out;
+  NF_DISPATCH(features, "center_loss", [&] {
+    out = center_forward<scalar_t>(features, weight, labels, ignore_index, class_start);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> center_loss_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
+    const at::Tensor& labels, int64_t ignore_index, int64_t class_start, int64_t num_classes) {
+  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+  std::tuple<at::Tensor, at::Tensor> out;
+  NF_DISPATCH(features, "center_loss_backward", [&] {
+    out = center_backward<scalar_t>(grad_loss, features, weight, labels, ignore_index,
+                                    class_start);
+  });
+  return out;
+}
+
+#undef NF_DISPATCH
+
+}  // namespace
+}  // namespace cpu
+}  // namespace normface
+
+TORCH_LIBRARY_IMPL(normface, CPU, m) {
+  m.impl("c_contrastive", &normface::cpu::c_contrastive_cpu);
+  m.impl("c_contrastive_backward", &normface::cpu::c_contrastive_backward_cpu);
+  m.impl("c_triplet_forward", &normface::cpu::c_triplet_forward_cpu);
+  m.impl("c_triplet_backward", &normface::cpu::c_triplet_backward_cpu);
+  m.impl("center_loss", &normface::cpu::center_loss_cpu);
+  m.impl("center_loss_backward", &normface::cpu::center_loss_backward_cpu);
+}

@@ -1,0 +1,306 @@
+// Scaled cosine softmax with the whole margin family (SPEC "one formula for the whole family"),
+// walked over class blocks: forward = online logsumexp, backward = recomputation of the tile from
+// the saved lse (docs/kernels.md). Extra memory O(B*D + C + B*block), never a (B, C) matrix.
+//
+// Shards (registration.cpp): a row whose target lies in another shard has no target column here;
+// its loss is the local lse (loss_i = lse_i - [target here] z_iy, so summing lse_k - loss_k over
+// shards gives z_iy), and its backward is G = (g + e) p, the exact derivative of that.
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+#include "cpu/cpu_common.h"
+
+namespace normface {
+namespace cpu {
+namespace {
+
+struct Margins {
+  double m1, m2, m3, lam;
+  bool normalize_features, normalize_weight;
+};
+
+// Everything both passes compute once per call (kernels.md "Norms, once per call" and "Target
+// logit"): O(B*D + C) memory.
+template <typename scalar_t>
+struct Setup {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::Tensor f, w;            // contiguous inputs
+  at::Tensor unit_f, norm_f;  // f~ (B, D) and ||f|| (B,), acc dtype
+  std::vector<acc_t> inv_nw;  // 1 / ||W_j||
+  std::vector<acc_t> b;       // b_j: 1 or ||W_j||
+  std::vector<acc_t> col;     // b_j / ||W_j||: z_ij = s a_i col_j <f~_i, W_j> off target
+  std::vector<acc_t> a;       // a_i: 1 or ||f_i||
+  std::vector<acc_t> t, dt;   // t_i and dt_i/dcos_iy (common.h margin_target)
+  std::vector<acc_t> z_y;     // z_iy = s a_i b_y t_i
+  LocalLabels labels;
+  acc_t s;
+
+  Setup(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels_in,
+        double scale, const Margins& mg, int64_t ignore_index, int64_t class_start)
+      : f(features.contiguous()), w(weight.contiguous()), s(static_cast<acc_t>(scale)) {
+    const int64_t B = f.size(0), C = w.size(0), D = f.size(1);
+    labels = local_labels(labels_in, ignore_index, class_start, C);
+    unit_f = unit_rows<scalar_t>(f, norm_f);
+    std::vector<acc_t> nw(C);
+    row_norms(w.data_ptr<scalar_t>(), C, D, nw.data());
+    inv_nw.resize(C);
+    b.resize(C);
+    col.resize(C);
+    for (int64_t j = 0; j < C; ++j) {
+      inv_nw[j] = acc_t(1) / nw[j];
+      b[j] = mg.normalize_weight ? acc_t(1) : nw[j];
+      col[j] = mg.normalize_weight ? inv_nw[j] : acc_t(1);
+    }
+    std::vector<acc_t> cos_y(B);
+    target_cosines(unit_f.data_ptr<acc_t>(), w.data_ptr<scalar_t>(), nw.data(), labels.target, D,
+                   cos_y.data());
+    const acc_t* nf = norm_f.data_ptr<acc_t>();
+    a.resize(B);
+    t.assign(B, 0);
+    dt.assign(B, 0);
+    z_y.assign(B, 0);
+    for (int64_t i = 0; i < B; ++i) {
+      a[i] = mg.normalize_features ? acc_t(1) : nf[i];
+      const int64_t y = labels.target[i];
+      if (y < 0) continue;
+      margin_target<acc_t>(cos_y[i], mg.m1, mg.m2, mg.m3, mg.lam, &t[i], &dt[i]);
+      z_y[i] = s * a[i] * b[y] * t[i];
+    }
+  }
+};
+
+template <typename acc_t>
+struct RowArgs {
+  acc_t* row;    // in: <f~_i, W_j> for the block; out: Gc_ij / ||W_j||
+  int64_t n;     // classes in the block
+  int64_t y;     // target column in the block, or outside [0, n)
+  acc_t sa, a;   // s a_i, a_i
+  acc_t zy, ty, dty, lse;
+  acc_t g, ge;   // g_i and g_i + e_i
+};
+
+// One row of one class block of the backward. Recomputes z exactly as the forward did, then
+// p = exp(z - lse) (one exp per element), G = g (p - [j = y]) + e p, Gc = G s a b (t' at the
+// target), and leaves Gc / ||W_j|| in the tile for the two products. Returns sum_j G b h; with
+// kColSums adds G a h to col_sum[j] (grad_b_j = s sum_i G_ij a_i h_ij, kernels.md).
+template <bool kColSums, typename acc_t>
+inline acc_t backward_row(const RowArgs<acc_t>& r, const acc_t* col, const acc_t* inv_nw,
+                          const acc_t* bj, acc_t* col_sum) {
+  acc_t* row = r.row;
+  acc_t racc = 0;
+#pragma omp simd reduction(+ : racc)
+  for (int64_t j = 0; j < r.n; ++j) {
+    const bool is_y = j == r.y;
+    const acc_t z = is_y ? r.zy : r.sa * col[j] * row[j];
+    const acc_t p = exp_vec(z - r.lse);
+    const acc_t G = r.ge * p - (is_y ? r.g : acc_t(0));
+    const acc_t h = is_y ? r.ty : row[j] * inv_nw[j];
+    racc += G * bj[j] * h;
+    if (kColSums) col_sum[j] += G * r.a * h;
+    row[j] = G * r.sa * bj[j] * (is_y ? r.dty : acc_t(1)) * inv_nw[j];
+  }
+  return racc;
+}
+
+void check_softmax_args(const at::Tensor& features, const at::Tensor& weight,
+                        const at::Tensor& labels, const at::Tensor& scale, int64_t ignore_index,
+                        int64_t class_start, int64_t num_classes) {
+  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+  check_scale(scale, features);
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& features,
+                                                const at::Tensor& weight,
+                                                const at::Tensor& labels, double scale,
+                                                const Margins& mg, int64_t ignore_index,
+                                                int64_t class_start) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = features.size(0), C = weight.size(0);
+  const auto acc_opts = features.options().dtype(acc_dtype(features.scalar_type()));
+  at::Tensor loss = at::empty({B}, acc_opts), lse = at::empty({B}, acc_opts);
+  if (B == 0) return {loss, lse};
+  Setup<scalar_t> st(features, weight, labels, scale, mg, ignore_index, class_start);
+
+  // Running (max, sum) of the online logsumexp, one pair per row.
+  std::vector<acc_t> run_max(B, -std::numeric_limits<acc_t>::infinity()), run_sum(B, 0);
+  const int64_t block = class_block(B, C);
+  at::Tensor tile_buf = at::empty({B * block}, acc_opts), w_buf;
+  for (int64_t j0 = 0; j0 < C; j0 += block) {
+    const int64_t n = std::min(block, C - j0);
+    const at::Tensor wb = weight_block(st.w, j0, n, w_buf);
+    at::Tensor tile = scratch_view(tile_buf, B, n);
+    at::mm_out(tile, st.unit_f, wb.t());  // <f~_i, W_j>, BLAS
+    acc_t* tp = tile.data_ptr<acc_t>();
+    const acc_t* col = st.col.data() + j0;
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t* row = tp + i * n;
+        const acc_t sa = st.s * st.a[i];
+        const int64_t y = st.labels.target[i] - j0;  // in [0, n) iff the target is in this block
+        const acc_t zy = st.z_y[i];
+        // Pass 1: z in place (target column replaced by z_iy, kernels.md) and its max.
+        acc_t m = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t z = j == y ? zy : sa * col[j] * row[j];
+          row[j] = z;
+          m = max_nan(m, z);
+        }
+        // Pass 2: merge into the running pair, one exp per element.
+        const acc_t m_new = max_nan(run_max[i], m);
+        acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; ++j) sum += exp_vec(row[j] - m_new);
+        run_sum[i] = run_sum[i] * exp_vec(run_max[i] - m_new) + sum;
+        run_max[i] = m_new;
+      }
+    });
+  }
+  acc_t* lp = loss.data_ptr<acc_t>();
+  acc_t* ep = lse.data_ptr<acc_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    ep[i] = run_max[i] + std::log(run_sum[i]);
+    if (st.labels.ignored[i]) {
+      lp[i] = 0;  // lse is still defined (over the plain logits): shards merge it
+    } else {
+      lp[i] = st.labels.target[i] >= 0 ? ep[i] - st.z_y[i] : ep[i];
+    }
+  }
+  return {loss, lse};
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& grad_loss_in, const at::Tensor& grad_lse_in, const at::Tensor& features,
+    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
+    const at::Tensor& lse_in, const Margins& mg, int64_t ignore_index, int64_t class_start) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = features.size(0), C = weight.size(0), D = features.size(1);
+  const auto acc_opts = features.options().dtype(acc_dtype(features.scalar_type()));
+  at::Tensor grad_f = at::empty(features.sizes(), features.options());
+  at::Tensor grad_w = at::empty(weight.sizes(), weight.options());
+  if (B == 0) {
+    grad_w.zero_();
+    return {grad_f, grad_w, at::zeros_like(scale)};
+  }
+  Setup<scalar_t> st(features, weight, labels, scale.item<double>(), mg, ignore_index,
+                     class_start);
+  const at::Tensor lse = lse_in.to(acc_opts.dtype()).contiguous();
+  const at::Tensor g_loss = grad_loss_in.to(acc_opts.dtype()).contiguous();
+  const at::Tensor g_lse = grad_lse_in.to(acc_opts.dtype()).contiguous();
+  const acc_t* lse_p = lse.data_ptr<acc_t>();
+  const acc_t* gl = g_loss.data_ptr<acc_t>();
+  const acc_t* ge = g_lse.data_ptr<acc_t>();
+  std::vector<acc_t> g(B);  // g_i = 0 for ignored rows (kernels.md)
+  for (int64_t i = 0; i < B; ++i) g[i] = st.labels.ignored[i] ? acc_t(0) : gl[i];
+
+  // sum_j G_ij b_j h_ij per row: gives grad_s (times a_i) and grad_a_i (times s).
+  std::vector<acc_t> row_acc(B, 0);
+  at::Tensor grad_unit_f = at::zeros({B, D}, acc_opts);  // sum_j Gc_ij W~_j
+  const int64_t block = class_block(B, C);
+  const int nthreads = at::get_num_threads();
+  // Column sums for grad_b (only when ||W_j|| multiplies the logits), one slice per thread.
+  std::vector<acc_t> col_acc(mg.normalize_weight ? 0 : static_cast<size_t>(nthreads) * block);
+  at::Tensor tile_buf = at::empty({B * block}, acc_opts), w_buf;
+  at::Tensor q_buf = at::empty({block * D}, acc_opts);
+  scalar_t* gw = grad_w.data_ptr<scalar_t>();
+  for (int64_t j0 = 0; j0 < C; j0 += block) {
+    const int64_t n = std::min(block, C - j0);
+    const at::Tensor wb = weight_block(st.w, j0, n, w_buf);
+    at::Tensor tile = scratch_view(tile_buf, B, n);
+    at::mm_out(tile, st.unit_f, wb.t());
+    acc_t* tp = tile.data_ptr<acc_t>();
+    const acc_t* col = st.col.data() + j0;
+    const acc_t* inv_nw = st.inv_nw.data() + j0;
+    const acc_t* bj = st.b.data() + j0;
+    std::fill(col_acc.begin(), col_acc.end(), acc_t(0));
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      acc_t* cacc = col_acc.empty() ? nullptr : col_acc.data() + at::get_thread_num() * block;
+      for (int64_t i = begin; i < end; ++i) {
+        RowArgs<acc_t> r{tp + i * n, n, st.labels.target[i] - j0, st.s * st.a[i], st.a[i],
+                         st.z_y[i], st.t[i], st.dt[i], lse_p[i], g[i], g[i] + ge[i]};
+        row_acc[i] += cacc ? backward_row<true>(r, col, inv_nw, bj, cacc)
+                           : backward_row<false>(r, col, inv_nw, bj, cacc);
+      }
+    });
+    // grad f~ += (Gc / ||W||) @ W ;  grad W~ / ||W|| = (Gc / ||W||)^T @ f~   (kernels.md)
+    at::Tensor pmat = tile;
+    grad_unit_f.addmm_(pmat, wb);
+    at::Tensor q = scratch_view(q_buf, n, D);
+    at::mm_out(q, pmat.t(), st.unit_f);
+    const acc_t* qp = q.data_ptr<acc_t>();
+    const acc_t* wbp = wb.data_ptr<acc_t>();
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        acc_t gb = 0;
+        for (int th = 0; th < nthreads && !col_acc.empty(); ++th) gb += col_acc[th * block + j];
+        normalize_backward_row(wbp + j * D, inv_nw[j], qp + j * D, acc_t(1), st.s * gb, D,
+                               gw + (j0 + j) * D);
+      }
+    });
+  }
+
+  acc_t grad_s = 0;
+  for (int64_t i = 0; i < B; ++i) grad_s += st.a[i] * row_acc[i];
+  const acc_t* guf = grad_unit_f.data_ptr<acc_t>();
+  const acc_t* nf = st.norm_f.template data_ptr<acc_t>();
+  const scalar_t* fp = st.f.template data_ptr<scalar_t>();
+  scalar_t* gf = grad_f.data_ptr<scalar_t>();
+  const bool norm_f = mg.normalize_features;
+  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t inv = acc_t(1) / nf[i];
+      const acc_t grad_a = norm_f ? acc_t(0) : st.s * row_acc[i];
+      normalize_backward_row(fp + i * D, inv, guf + i * D, inv, grad_a, D, gf + i * D);
+    }
+  });
+  at::Tensor grad_scale = at::empty_like(scale).fill_(static_cast<double>(grad_s));
+  return {grad_f, grad_w, grad_scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> cosine_softmax_forward_cpu(
+    const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels,
+    const at::Tensor& scale, double m1, double m2, double m3, double lam,
+    bool normalize_features, bool normalize_weight, int64_t ignore_index, int64_t class_start,
+    int64_t num_classes) {
+  check_softmax_args(features, weight, labels, scale, ignore_index, class_start, num_classes);
+  const Margins mg{m1, m2, m3, lam, normalize_features, normalize_weight};
+  const double s = scale.item<double>();
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
+                                  "cosine_softmax_forward", [&] {
+    out = forward_impl<scalar_t>(features, weight, labels, s, mg, ignore_index, class_start);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& features,
+    const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
+    const at::Tensor& lse, double m1, double m2, double m3, double lam, bool normalize_features,
+    bool normalize_weight, int64_t ignore_index, int64_t class_start, int64_t num_classes) {
+  check_softmax_args(features, weight, labels, scale, ignore_index, class_start, num_classes);
+  const int64_t B = features.size(0);
+  TORCH_CHECK(grad_loss.numel() == B && grad_lse.numel() == B && lse.numel() == B,
+              "grad_loss, grad_lse and lse must have B = ", B, " entries, got ",
+              grad_loss.sizes(), ", ", grad_lse.sizes(), " and ", lse.sizes());
+  const Margins mg{m1, m2, m3, lam, normalize_features, normalize_weight};
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
+                                  "cosine_softmax_backward", [&] {
+    out = backward_impl<scalar_t>(grad_loss, grad_lse, features, weight, labels, scale, lse, mg,
+                                  ignore_index, class_start);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace normface
+
+TORCH_LIBRARY_IMPL(normface, CPU, m) {
+  m.impl("cosine_softmax_forward", &normface::cpu::cosine_softmax_forward_cpu);
+  m.impl("cosine_softmax_backward", &normface::cpu::cosine_softmax_backward_cpu);
+}

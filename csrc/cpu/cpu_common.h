@@ -1,0 +1,190 @@
+// Helpers shared by the CPU kernels (csrc/cpu/*.cpp). The math is in docs/kernels.md; this file
+// holds the pieces every op repeats: accumulation dtype, NaN-propagating max/relu, row norms,
+// labels -> local targets, the class-block walk and the backward of L2 normalization (eq. 4).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace normface {
+namespace cpu {
+
+// SPEC "Shapes and conventions": accumulate in float32, or float64 for float64 inputs; losses and
+// lse come back in this dtype.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Classes per block of the tiled walk: the (B, block) tile stays around 1-2 MB (cache-sized) and
+// extra memory stays O(B * block), never O(B * C) (kernels.md).
+inline int64_t class_block(int64_t batch, int64_t num_classes) {
+  int64_t block = (int64_t{1} << 19) / std::max<int64_t>(batch, 1);
+  block = std::min<int64_t>(std::max<int64_t>(block, 256), 4096);
+  return std::min(block, num_classes);
+}
+
+// torch.relu with NaN propagation (kernels.md: `x > 0 ? x : (x != x ? x : 0)`); slope 0 at 0.
+template <typename T>
+inline T relu_nan(T x) {
+  return x > T(0) ? x : (x != x ? x : T(0));
+}
+
+// max that lets NaN win (std::max drops a NaN in its second argument; SPEC: NaN -> NaN loss).
+template <typename T>
+inline T max_nan(T a, T b) {
+  return (b > a || b != b) ? b : a;
+}
+
+// exp for float in a form GCC vectorizes (Cephes expf: Cody-Waite reduction by ln 2 and a degree-5
+// minimax polynomial, about 1 ulp). std::exp is a scalar libm call per element, and the
+// logsumexp / softmax-recompute loops do one exp per (sample, class) pair.
+inline float exp_vec(float x) {
+  const float hi = 88.3762626647949f, lo = -87.3365447505531f;
+  const float xc = x > hi ? hi : (x < lo ? lo : x);
+  // n = round(x / ln 2) with the 1.5 * 2^23 trick (round to nearest, no libm call).
+  const float shifter = 12582912.0f;
+  const float n = (xc * 1.44269504088896341f + shifter) - shifter;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  const float y = p * two_n;
+  // Below lo the true value is < 1e-38: 0 (exp(-inf) = 0). NaN stays NaN.
+  return x < lo ? 0.0f : (x > hi ? INFINITY : (x != x ? x : y));
+}
+inline double exp_vec(double x) { return std::exp(x); }
+
+// Local class index of each sample's target (kernels.md: y_local = y - class_start, present iff
+// 0 <= y_local < C), -1 when the target is elsewhere or the sample is ignored.
+struct LocalLabels {
+  std::vector<int64_t> target;   // (B,) local target or -1
+  std::vector<uint8_t> ignored;  // (B,) label == ignore_index
+};
+
+inline LocalLabels local_labels(const at::Tensor& labels, int64_t ignore_index,
+                                int64_t class_start, int64_t num_local) {
+  const at::Tensor y = labels.contiguous();
+  const int64_t* yp = y.data_ptr<int64_t>();
+  const int64_t batch = y.numel();
+  LocalLabels out{std::vector<int64_t>(batch, -1), std::vector<uint8_t>(batch, 0)};
+  for (int64_t i = 0; i < batch; ++i) {
+    if (yp[i] == ignore_index) {
+      out.ignored[i] = 1;
+      continue;
+    }
+    const int64_t local = yp[i] - class_start;
+    if (local >= 0 && local < num_local) out.target[i] = local;
+  }
+  return out;
+}
+
+// ||x_r|| = sqrt(sum x^2 + eps) per row (SPEC, paper eq. 3), accumulated in acc_t.
+template <typename scalar_t, typename acc_t>
+void row_norms(const scalar_t* x, int64_t rows, int64_t dim, acc_t* norm) {
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = x + r * dim;
+      acc_t sum = 0;
+      for (int64_t d = 0; d < dim; ++d) {
+        const acc_t v = static_cast<acc_t>(row[d]);
+        sum += v * v;
+      }
+      norm[r] = std::sqrt(sum + static_cast<acc_t>(kNormEps));
+    }
+  });
+}
+
+// f~ = f / ||f|| as an acc-dtype (B, D) copy (kernels.md "Norms, once per call"); norms in `norm`.
+template <typename scalar_t>
+at::Tensor unit_rows(const at::Tensor& x, at::Tensor& norm) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = x.size(0), dim = x.size(1);
+  const at::ScalarType acc = acc_dtype(x.scalar_type());
+  norm = at::empty({rows}, x.options().dtype(acc));
+  at::Tensor unit = at::empty({rows, dim}, x.options().dtype(acc));
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  acc_t* np = norm.data_ptr<acc_t>();
+  acc_t* up = unit.data_ptr<acc_t>();
+  row_norms(xp, rows, dim, np);
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t inv = acc_t(1) / np[r];
+      for (int64_t d = 0; d < dim; ++d) up[r * dim + d] = static_cast<acc_t>(xp[r * dim + d]) * inv;
+    }
+  });
+  return unit;
+}
+
+// cos_iy = <f~_i, W_y> / ||W_y|| for rows whose target is local (a B-length dot, kernels.md
+// "Target logit"), NaN-free 0 elsewhere (never read there).
+template <typename scalar_t, typename acc_t>
+void target_cosines(const acc_t* unit_f, const scalar_t* w, const acc_t* norm_w,
+                    const std::vector<int64_t>& target, int64_t dim, acc_t* cos_y) {
+  const int64_t batch = static_cast<int64_t>(target.size());
+  at::parallel_for(0, batch, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t y = target[i];
+      if (y < 0) {
+        cos_y[i] = 0;
+        continue;
+      }
+      const acc_t* f = unit_f + i * dim;
+      const scalar_t* wy = w + y * dim;
+      acc_t dot = 0;
+      for (int64_t d = 0; d < dim; ++d) dot += f[d] * static_cast<acc_t>(wy[d]);
+      cos_y[i] = dot / norm_w[y];
+    }
+  });
+}
+
+// Rows [start, start + n) of W in the acc dtype: a view when W already is, else converted into
+// `buffer` (one block, O(block * D)). The fp32 block feeds at::mm.
+inline at::Tensor weight_block(const at::Tensor& w, int64_t start, int64_t n, at::Tensor& buffer) {
+  at::Tensor rows = w.narrow(0, start, n);
+  const at::ScalarType acc = acc_dtype(w.scalar_type());
+  if (w.scalar_type() == acc) return rows;
+  if (!buffer.defined()) buffer = at::empty({n, w.size(1)}, w.options().dtype(acc));
+  at::Tensor view = buffer.flatten().narrow(0, 0, n * w.size(1)).view({n, w.size(1)});
+  view.copy_(rows);
+  return view;
+}
+
+// A (rows, cols) view over the front of a flat scratch buffer (the last class block is smaller).
+inline at::Tensor scratch_view(at::Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.flatten().narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// Backward of u = x / ||x|| for one row (paper eq. 4) plus the gradient of a norm factor:
+//   out = (g - u <g, u>) * g_scale + extra * u,   u = x * inv_norm.
+// Callers pass g = dL/du with g_scale = 1/||x||, or g = (dL/du)/||x|| with g_scale = 1.
+// `extra` is dL/d||x|| when ||x|| itself multiplies the logits (normalize_* = False).
+template <typename x_t, typename g_t, typename acc_t, typename out_t>
+inline void normalize_backward_row(const x_t* x, acc_t inv_norm, const g_t* g, acc_t g_scale,
+                                   acc_t extra, int64_t dim, out_t* out) {
+  acc_t dot = 0;
+  for (int64_t d = 0; d < dim; ++d) dot += static_cast<acc_t>(g[d]) * static_cast<acc_t>(x[d]);
+  dot *= inv_norm;
+  for (int64_t d = 0; d < dim; ++d) {
+    const acc_t u = static_cast<acc_t>(x[d]) * inv_norm;
+    out[d] = static_cast<out_t>((static_cast<acc_t>(g[d]) - u * dot) * g_scale + extra * u);
+  }
+}
+
+}  // namespace cpu
+}  // namespace normface
