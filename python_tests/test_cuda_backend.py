@@ -1,0 +1,547 @@
+"""The CUDA backend (csrc/cuda) against the reference (normface_kernels/reference.py).
+
+Every op and every gradient, fp32 / fp16 / bf16, at small odd sizes and (marked slow) at a
+realistic size with a million classes. Tolerance rule of STYLE.md: the kernel's error against
+the float64 reference must be at most 2x the error of the plain PyTorch computation run in the
+same low precision, plus a small atol (relative to the magnitude of the compared tensor).
+
+Skipped without a CUDA device. Run: pytest python_tests/test_cuda_backend.py [-m "not slow"]
+"""
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+import normface_kernels as nk
+from normface_kernels import reference as ref
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# atol, relative to max |reference|, on top of 2x the plain low-precision error.
+ATOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 4e-3}
+# Used instead of the plain error when the plain low-precision computation itself breaks down
+# (overflow to inf / NaN in fp16), relative to max |reference|.
+FALLBACK = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+ops = torch.ops.normface
+
+
+@pytest.fixture(autouse=True)
+def _cuda_kernels_and_exact_fp32():
+    assert nk.has_cuda_kernels(), "normface_kernels._C was built without the CUDA kernels"
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means exact fp32 unless a test says so
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def check(name, out, exact, plain, dtype):
+    """|out - exact| <= 2 |plain - exact| + atol (max norms), finite exactly where exact is."""
+    out, exact, plain = (t.detach().double().cpu() for t in (out, exact, plain))
+    assert out.shape == exact.shape, f"{name}: shape {tuple(out.shape)} != {tuple(exact.shape)}"
+    if exact.numel() == 0:
+        return
+    finite = torch.isfinite(exact)
+    assert torch.equal(torch.isfinite(out), finite), f"{name}: non-finite where exact is finite"
+    out, exact, plain = out[finite], exact[finite], plain[finite]
+    if exact.numel() == 0:
+        return
+    mag = exact.abs().max().item()
+    err = (out - exact).abs().max().item()
+    base = (plain - exact).abs().max().item()
+    if not math.isfinite(base):
+        base = FALLBACK[dtype] * mag
+    bound = 2.0 * base + ATOL[dtype] * mag + 1e-12
+    assert err <= bound, (f"{name} ({dtype}): max error {err:.3g} > bound {bound:.3g} "
+                          f"(plain low-precision error {base:.3g}, max |exact| {mag:.3g})")
+
+
+@contextlib.contextmanager
+def low_precision_reference():
+    """reference.py with its accumulation dtype replaced by the input dtype: the plain PyTorch
+    computation in low precision that STYLE.md's tolerance rule compares against."""
+    saved = ref._acc_dtype
+    ref._acc_dtype = lambda x: x.dtype
+    try:
+        yield
+    finally:
+        ref._acc_dtype = saved
+
+
+def make_inputs(B, C, D, dtype, *, seed=0, ignore=0, near=0.5, feature_scale=3.0):
+    """Features partly aligned with their class agent (so targets matter), odd norms."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(C, D, device="cuda", generator=g) * 0.05
+    y = torch.randint(0, C, (B,), device="cuda", generator=g)
+    noise = torch.randn(B, D, device="cuda", generator=g)
+    f = near * w[y] / w[y].norm(dim=1, keepdim=True) * math.sqrt(D) + noise
+    f = f * feature_scale * torch.rand(B, 1, device="cuda", generator=g).add(0.5)
+    if ignore:
+        y[torch.randperm(B, device="cuda", generator=g)[:ignore]] = -100
+    return f.to(dtype), w.to(dtype), y
+
+
+def leaf(t, dtype=None):
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+
+
+def upstream(B, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.rand(B, device="cuda", generator=g) + 0.5
+
+
+def per_sample_grads(loss_fn, f, w, gl, scale=None):
+    """Per-sample losses and the gradients of sum_i gl_i loss_i w.r.t. f, w (and scale)."""
+    leaves = [f, w] + ([scale] if scale is not None else [])
+    loss = loss_fn(*leaves)
+    (loss * gl.to(loss.dtype)).sum().backward()
+    return [loss.detach()] + [t.grad for t in leaves]
+
+
+# ---------------------------------------------------------------------------------------------
+# l2_normalize
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,))
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (3, 5, 64), (130, 512), (4, 0)])
+def test_l2_normalize(dtype, shape):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(shape, device="cuda", generator=g) * 4).to(dtype)
+    if x.numel():
+        x.view(-1, shape[-1])[0] = 0  # a zero vector is fine (eps)
+    grad = torch.randn(shape, device="cuda", generator=g).to(dtype)
+    out = ops.l2_normalize(x, 1e-12)
+    back = ops.l2_normalize_backward(grad, x, 1e-12)
+    x64 = leaf(x, torch.float64)
+    exact = ref.l2_normalize(x64)
+    exact.backward(grad.double())
+    with low_precision_reference():
+        xl = leaf(x)
+        plain = ref.l2_normalize(xl)
+        plain.backward(grad)
+    tol_dtype = torch.float32 if dtype == torch.float64 else dtype
+    assert out.dtype == dtype and back.dtype == dtype
+    check("l2_normalize", out, exact, plain, tol_dtype)
+    check("l2_normalize grad", back, x64.grad, xl.grad, tol_dtype)
+
+
+def test_l2_normalize_autograd():
+    x = leaf(torch.randn(9, 17, device="cuda"))
+    nk.l2_normalize(x, backend="cuda").pow(3).sum().backward()
+    x64 = leaf(x, torch.float64)
+    ref.l2_normalize(x64).pow(3).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# cosine_softmax: loss, lse and every gradient
+# ---------------------------------------------------------------------------------------------
+
+MARGINS = {
+    "normface": dict(),
+    "cosface": dict(m3=0.35),
+    "arcface": dict(m2=0.5),
+    "sphereface": dict(m1=4.0, lam=5.0),
+    "combined": dict(m1=1.0, m2=0.3, m3=0.2),
+}
+NORMALIZE = {
+    "both": (True, True),
+    "weight_only": (False, True),    # A-Softmax
+    "features_only": (True, False),  # L2-softmax
+    "neither": (False, False),       # L-Softmax / plain softmax
+}
+
+
+def softmax_loss_lse(f, w, y, s, acc, *, m1=1.0, m2=0.0, m3=0.0, lam=0.0,
+                     normalize_features=True, normalize_weight=True, ignore_index=-100,
+                     class_start=0, eps=1e-12):
+    """(loss, lse) of SPEC in dtype `acc`, written as reference.cosine_softmax is (plus lse and
+    class shards). acc=float64: the exact answer; acc=input dtype: the plain low-precision one."""
+    f, w = f.to(acc), w.to(acc)
+    s = s.to(acc) if torch.is_tensor(s) else s
+    fn, wn = ref._norm(f, eps), ref._norm(w, eps)
+    cos = (f / fn) @ (w / wn).t()
+    a = torch.ones_like(fn) if normalize_features else fn
+    b = torch.ones_like(wn) if normalize_weight else wn
+    local = y - class_start
+    has = (y != ignore_index) & (local >= 0) & (local < w.shape[0])
+    yy = torch.where(has, local, torch.zeros_like(local))
+    cos_y = cos.gather(1, yy[:, None])
+    t = (lam * cos_y + ref.psi(cos_y, m1, m2, m3)) / (1.0 + lam)
+    z = s * a * b.t() * cos
+    z_y = s * a * b[yy] * t
+    onehot = torch.nn.functional.one_hot(yy, w.shape[0]).to(torch.bool) & has[:, None]
+    z = torch.where(onehot, z_y.expand_as(z), z)
+    lse = torch.logsumexp(z, dim=1)
+    loss = torch.where(has, lse - z_y[:, 0], torch.zeros_like(lse))
+    return loss, lse
+
+
+def run_softmax_case(B, C, D, dtype, margins, normalize, *, ignore=0, seed=0, scale=30.0,
+                     feature_scale=3.0):
+    nf_, nw_ = normalize
+    f, w, y = make_inputs(B, C, D, dtype, seed=seed, ignore=ignore, feature_scale=feature_scale)
+    if not nf_ or not nw_:
+        scale = 1.0 if not (nf_ or nw_) else 4.0  # unnormalized logits are already large
+    kw = dict(margins, normalize_features=nf_, normalize_weight=nw_)
+    params = (float(margins.get("m1", 1.0)), float(margins.get("m2", 0.0)),
+              float(margins.get("m3", 0.0)), float(margins.get("lam", 0.0)), nf_, nw_)
+    gl, ge = upstream(B, 1), upstream(B, 2) - 1.0
+
+    def kernel(fl, wl, sl):
+        loss, lse = ops.cosine_softmax_forward(fl, wl, y, sl, *params, -100, 0, -1)
+        return loss + lse * (ge / gl)  # so that sum(gl * .) = sum(gl loss + ge lse)
+
+    def exact_fn(acc):
+        def fn(fl, wl, sl):
+            loss, lse = softmax_loss_lse(fl, wl, y, sl, acc, **kw)
+            return loss + lse * (ge / gl).to(acc)
+        return fn
+
+    s32 = torch.tensor(scale, device="cuda")
+    out = per_sample_grads(kernel, leaf(f), leaf(w), gl, leaf(s32))
+    exact = per_sample_grads(exact_fn(torch.float64), leaf(f), leaf(w), gl, leaf(s32, torch.float64))
+    plain = per_sample_grads(exact_fn(dtype), leaf(f), leaf(w), gl, leaf(s32, dtype))
+    for name, o, e, p in zip(("loss+lse", "grad_features", "grad_weight", "grad_scale"),
+                             out, exact, plain):
+        check(name, o, e, p, dtype)
+    assert out[1].dtype == dtype and out[2].dtype == dtype and out[3].dtype == torch.float32
+
+    # The op's own loss and lse, and the public loss against reference.py itself.
+    loss, lse = ops.cosine_softmax_forward(f, w, y, s32, *params, -100, 0, -1)
+    e_loss, e_lse = softmax_loss_lse(f, w, y, s32, torch.float64, **kw)
+    p_loss, p_lse = softmax_loss_lse(f, w, y, s32, dtype, **kw)
+    check("loss", loss, e_loss, p_loss, dtype)
+    check("lse", lse, e_lse, p_lse, dtype)
+    assert loss.dtype == torch.float32 and lse.dtype == torch.float32
+    spec = ref.cosine_softmax(f.double(), w.double(), y, scale, **kw)
+    check("loss vs reference.py", loss, spec, p_loss, dtype)
+    return loss, lse, y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("margin", list(MARGINS))
+def test_cosine_softmax_margins(dtype, margin):
+    run_softmax_case(37, 203, 96, dtype, MARGINS[margin], NORMALIZE["both"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("normalize", list(NORMALIZE))
+def test_cosine_softmax_normalization_modes(dtype, normalize):
+    margins = MARGINS["sphereface"] if normalize != "features_only" else MARGINS["cosface"]
+    run_softmax_case(29, 130, 64, dtype, margins, NORMALIZE[normalize], feature_scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,C,D", [(1, 1, 1), (1, 2, 3), (2, 65, 7), (65, 64, 33), (64, 129, 130),
+                                   (130, 1000, 24), (3, 5000, 520)])
+def test_cosine_softmax_odd_sizes(dtype, B, C, D):
+    run_softmax_case(B, C, D, dtype, MARGINS["arcface"], NORMALIZE["both"], scale=16.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cosine_softmax_ignore_index(dtype):
+    loss, lse, y = run_softmax_case(70, 300, 64, dtype, MARGINS["cosface"], NORMALIZE["both"],
+                                    ignore=25)
+    ignored = y == -100
+    assert torch.all(loss[ignored] == 0)
+    assert torch.all(torch.isfinite(lse[ignored]))  # lse is still computed for ignored rows
+
+
+def test_cosine_softmax_all_ignored_and_grad_zero_rows():
+    f, w, y = make_inputs(8, 50, 32, torch.float32)
+    y[:] = -100
+    fl, wl = leaf(f), leaf(w)
+    loss = nk.cosine_softmax(fl, wl, y, 10.0, reduction="sum", backend="cuda")
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.all(fl.grad == 0) and torch.all(wl.grad == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cosine_softmax_tf32(dtype):
+    # fp32 with TF32 allowed runs on tensor cores; the plain fp32 baseline uses TF32 as well.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    run_softmax_case(45, 333, 128, dtype, MARGINS["arcface"], NORMALIZE["both"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("theta", [0.02, 0.3, math.pi / 2, math.pi - 0.6, math.pi - 0.05])
+def test_arcface_near_zero_and_pi(dtype, theta):
+    # Every sample at angle theta from its agent: with m2 = 0.5, theta + m2 crosses pi near pi
+    # (the k-branch of psi); near 0 d psi / d cos is large.
+    B, C, D = 16, 40, 64
+    g = torch.Generator(device="cuda").manual_seed(3)
+    w = torch.randn(C, D, device="cuda", generator=g)
+    y = torch.arange(B, device="cuda") % C
+    wy = w[y] / w[y].norm(dim=1, keepdim=True)
+    other = torch.randn(B, D, device="cuda", generator=g)
+    other = other - (other * wy).sum(1, keepdim=True) * wy
+    other = other / other.norm(dim=1, keepdim=True)
+    f = (math.cos(theta) * wy + math.sin(theta) * other) * 2.0
+    f, w = f.to(dtype), w.to(dtype)
+    s = torch.tensor(20.0, device="cuda")
+    params = (1.0, 0.5, 0.0, 0.0, True, True)
+    gl = upstream(B)
+
+    def fn(acc):
+        return lambda fl, wl, sl: softmax_loss_lse(fl, wl, y, sl, acc, m2=0.5)[0]
+
+    out = per_sample_grads(lambda fl, wl, sl: ops.cosine_softmax_forward(
+        fl, wl, y, sl, *params, -100, 0, -1)[0], leaf(f), leaf(w), gl, leaf(s))
+    exact = per_sample_grads(fn(torch.float64), leaf(f), leaf(w), gl, leaf(s, torch.float64))
+    plain = per_sample_grads(fn(dtype), leaf(f), leaf(w), gl, leaf(s, dtype))
+    for name, o, e, p in zip(("loss", "grad_features", "grad_weight", "grad_scale"),
+                             out, exact, plain):
+        check(name, o, e, p, dtype)
+
+
+def test_arcface_exactly_aligned_is_finite():
+    # theta = 0 and theta = pi sit on the clamp of arccos: the loss is exact, gradients finite.
+    f, w, y = make_inputs(8, 20, 32, torch.float32)
+    f = torch.cat([w[y[:4]] * 3.0, -w[y[4:]] * 3.0])
+    fl, wl = leaf(f), leaf(w)
+    loss = nk.cosine_softmax(fl, wl, y, 30.0, m2=0.5, reduction="none", backend="cuda")
+    exact = ref.cosine_softmax(f.double(), w.double(), y, 30.0, m2=0.5)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-4, atol=1e-3)
+    loss.sum().backward()
+    assert torch.isfinite(fl.grad).all() and torch.isfinite(wl.grad).all()
+
+
+def test_cosine_softmax_public_api_and_learned_scale():
+    f, w, y = make_inputs(33, 77, 48, torch.float32, ignore=5)
+    for reduction in ("mean", "sum", "none"):
+        s = leaf(torch.tensor(12.0, device="cuda"))
+        fl, wl = leaf(f), leaf(w)
+        out = nk.cosine_softmax(fl, wl, y, s, m3=0.2, reduction=reduction, backend="cuda")
+        out.sum().backward()
+        s64, f64, w64 = leaf(s, torch.float64), leaf(f, torch.float64), leaf(w, torch.float64)
+        exact = ref.reduce_loss(ref.cosine_softmax(f64, w64, y, s64, m3=0.2), y, -100, reduction)
+        exact.sum().backward()
+        torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fl.grad.double(), f64.grad, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(wl.grad.double(), w64.grad, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_cosine_softmax_class_shards_merge_exactly():
+    # lse of the whole = logsumexp of the shards' lse; the owning shard's loss gives the rest.
+    f, w, y = make_inputs(50, 300, 64, torch.float32, ignore=4)
+    s = torch.tensor(25.0, device="cuda")
+    params = (1.0, 0.5, 0.0, 0.0, True, True)
+    full_loss, full_lse = ops.cosine_softmax_forward(f, w, y, s, *params, -100, 0, -1)
+    bounds = [0, 110, 300]
+    lses, owner_loss, owner_lse = [], torch.zeros_like(full_loss), torch.zeros_like(full_lse)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        loss, lse = ops.cosine_softmax_forward(f, w[lo:hi], y, s, *params, -100, lo, 300)
+        e_loss, e_lse = softmax_loss_lse(f, w[lo:hi], y, s, torch.float64, m2=0.5, class_start=lo)
+        torch.testing.assert_close(lse.double(), e_lse, rtol=1e-5, atol=1e-4)
+        owns = (y >= lo) & (y < hi)
+        owner_loss = torch.where(owns, loss, owner_loss)
+        owner_lse = torch.where(owns, lse, owner_lse)
+        lses.append(lse)
+    merged = torch.logsumexp(torch.stack(lses), dim=0)
+    torch.testing.assert_close(merged, full_lse, rtol=1e-5, atol=1e-4)
+    valid = y != -100
+    torch.testing.assert_close((owner_loss + merged - owner_lse)[valid], full_loss[valid],
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cosine_softmax_nan_propagates(dtype):
+    f, w, y = make_inputs(6, 70, 32, dtype)
+    y[5] = -100
+    f[1, 3] = float("nan")
+    loss = nk.cosine_softmax(f, w, y, 30.0, reduction="none", backend="cuda")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2, 3, 4]]).all() and loss[5] == 0
+    w[17, 0] = float("nan")
+    loss = nk.cosine_softmax(f, w, y, 30.0, reduction="none", backend="cuda")
+    assert torch.isnan(loss[:5]).all()
+
+
+def test_cosine_softmax_noncontiguous_inputs():
+    f, w, y = make_inputs(20, 90, 40, torch.float32)
+    f_nc = torch.cat([f, f], dim=1)[:, ::2]
+    w_nc = w.t().contiguous().t()
+    a = nk.cosine_softmax(f_nc, w_nc, y, 30.0, reduction="none", backend="cuda")
+    b = nk.cosine_softmax(f, w, y, 30.0, reduction="none", backend="cuda")
+    torch.testing.assert_close(a, b)
+
+
+def test_float64_is_a_clear_error():
+    f, w, y = make_inputs(4, 10, 8, torch.float64)
+    with pytest.raises(RuntimeError, match="float64"):
+        ops.cosine_softmax_forward(f, w, y, torch.tensor(1.0, device="cuda"), 1.0, 0.0, 0.0,
+                                   0.0, True, True, -100, 0, -1)
+    with pytest.raises(RuntimeError, match="float64"):
+        ops.c_contrastive(f, w, y)
+
+
+def test_bad_labels_raise():
+    f, w, y = make_inputs(4, 10, 8, torch.float32)
+    y[2] = 10
+    with pytest.raises((RuntimeError, ValueError), match="labels"):
+        nk.cosine_softmax(f, w, y, backend="cuda")
+    with pytest.raises((RuntimeError, ValueError), match="labels"):
+        nk.c_triplet(f, w, y, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent losses
+# ---------------------------------------------------------------------------------------------
+
+AGENT_CASES = {
+    "c_contrastive": dict(pos_margin=0.0, neg_margin=1.0),
+    "c_contrastive_wide": dict(pos_margin=0.2, neg_margin=2.2),  # about half the negatives active
+    "c_triplet_hardest": dict(margin=0.8, hardest_only=True, center=False),
+    "c_triplet_hardest_center": dict(margin=0.8, hardest_only=True, center=True),
+    "c_triplet_all": dict(margin=0.3, hardest_only=False, center=False),
+    "c_triplet_all_center": dict(margin=0.3, hardest_only=False, center=True),
+    "center_loss": dict(),
+}
+
+
+def agent_fn(case):
+    name = case.rsplit("_wide", 1)[0]
+    if name.startswith("c_triplet"):
+        name = "c_triplet"
+    elif name.startswith("c_contrastive"):
+        name = "c_contrastive"
+    return name, AGENT_CASES[case]
+
+
+def run_agent_case(case, B, C, D, dtype, *, ignore=0, seed=0):
+    name, kw = agent_fn(case)
+    f, w, y = make_inputs(B, C, D, dtype, seed=seed, ignore=ignore, near=1.5)
+    gl = upstream(B)
+    public = getattr(nk, name)
+    reference = getattr(ref, name)
+    out = per_sample_grads(lambda fl, wl: public(fl, wl, y, reduction="none", backend="cuda",
+                                                 **kw), leaf(f), leaf(w), gl)
+    exact = per_sample_grads(lambda fl, wl: reference(fl, wl, y, **kw),
+                             leaf(f, torch.float64), leaf(w, torch.float64), gl)
+    with low_precision_reference():
+        plain = per_sample_grads(lambda fl, wl: reference(fl, wl, y, **kw), leaf(f), leaf(w), gl)
+    for what, o, e, p in zip(("loss", "grad_features", "grad_weight"), out, exact, plain):
+        check(f"{case} {what}", o, e, p, dtype)
+    assert out[0].dtype == torch.float32 and out[1].dtype == dtype and out[2].dtype == dtype
+    return f, w, y, out[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(AGENT_CASES))
+def test_agent_losses(case, dtype):
+    run_agent_case(case, 41, 150, 72, dtype, ignore=6)
+
+
+@pytest.mark.parametrize("case", list(AGENT_CASES))
+@pytest.mark.parametrize("B,C,D", [(1, 1, 1), (1, 2, 5), (66, 65, 33), (3, 700, 130)])
+def test_agent_losses_odd_sizes(case, B, C, D):
+    run_agent_case(case, B, C, D, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_c_triplet_hardest_index(dtype):
+    f, w, y = make_inputs(50, 200, 64, dtype, near=1.5)
+    loss, hardest = ops.c_triplet_forward(f, w, y, 0.8, True, True, -100, 0, -1)
+    d = 2.0 - 2.0 * ref.cosine_logits(f.double(), w.double())
+    d_neg = d.scatter(1, y[:, None], math.inf)
+    assert hardest.dtype == torch.int64 and (hardest >= 0).all() and (hardest != y).all()
+    chosen = d_neg.gather(1, hardest[:, None])[:, 0]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (chosen - d_neg.min(dim=1).values).abs().max().item() <= tol
+
+
+def test_c_triplet_hardest_ties_pick_first():
+    f, w, y = make_inputs(10, 30, 16, torch.float32)
+    w[20] = w[5]  # two identical agents: the first index wins
+    y[:] = 0
+    f = w[5].expand(10, -1) * 2.0 + 0.01 * torch.randn(10, 16, device="cuda")
+    _, hardest = ops.c_triplet_forward(f, w, y, 0.8, True, False, -100, 0, -1)
+    assert (hardest == 5).all()
+
+
+def test_c_contrastive_class_shards_add_up():
+    f, w, y = make_inputs(40, 200, 48, torch.float32, near=1.5, ignore=3)
+    full = ops.c_contrastive(f, w, y, 0.1, 2.2, -100, 0, -1)
+    parts = sum(ops.c_contrastive(f, w[lo:hi], y, 0.1, 2.2, -100, lo, 200)
+                for lo, hi in ((0, 70), (70, 200)))
+    torch.testing.assert_close(parts, full, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["c_contrastive", "c_triplet_hardest", "c_triplet_all",
+                                  "center_loss"])
+def test_agent_nan_propagates(case):
+    name, kw = agent_fn(case)
+    f, w, y = make_inputs(6, 40, 16, torch.float32, near=1.5)
+    y[5] = -100
+    f[1, 2] = float("nan")
+    loss = getattr(nk, name)(f, w, y, reduction="none", backend="cuda", **kw)
+    assert torch.isnan(loss[1]) and loss[5] == 0
+
+
+def test_agent_all_ignored_zero_grad():
+    f, w, y = make_inputs(5, 30, 16, torch.float32)
+    y[:] = -100
+    for case in AGENT_CASES:
+        name, kw = agent_fn(case)
+        fl, wl = leaf(f), leaf(w)
+        loss = getattr(nk, name)(fl, wl, y, reduction="sum", backend="cuda", **kw)
+        loss.backward()
+        assert loss.item() == 0.0 and (fl.grad == 0).all() and (wl.grad == 0).all(), case
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck: schemas, fake kernels and autograd registration on CUDA tensors
+# ---------------------------------------------------------------------------------------------
+
+def test_opcheck_cuda():
+    f, w, y = make_inputs(9, 20, 16, torch.float32, near=1.5)
+    s = torch.tensor(10.0, device="cuda")
+    fr, wr = leaf(f), leaf(w)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    cases = [
+        (ops.l2_normalize, (fr, 1e-12)),
+        (ops.cosine_softmax_forward, (fr, wr, y, s, 1.0, 0.5, 0.0, 0.0, True, True, -100, 0, -1)),
+        (ops.c_contrastive, (fr, wr, y, 0.0, 1.0, -100, 0, -1)),
+        (ops.c_triplet_forward, (fr, wr, y, 0.8, True, False, -100, 0, -1)),
+        (ops.c_triplet_forward, (fr, wr, y, 0.8, False, True, -100, 0, -1)),
+        (ops.center_loss, (fr, wr, y, -100, 0, -1)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=utils)
+
+
+# ---------------------------------------------------------------------------------------------
+# Realistic sizes: a million classes (slow; the fp64 reference needs several GB)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("margin", ["arcface", "cosface"])
+def test_cosine_softmax_million_classes(dtype, margin):
+    run_softmax_case(96, 1_000_003, 512, dtype, MARGINS[margin], NORMALIZE["both"], ignore=7,
+                     scale=64.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+def test_cosine_softmax_realistic_batch(dtype):
+    run_softmax_case(512, 100_000, 512, dtype, MARGINS["arcface"], NORMALIZE["both"], ignore=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("case", ["c_contrastive_wide", "c_triplet_hardest", "c_triplet_all",
+                                  "center_loss"])
+def test_agent_losses_million_classes(case, dtype):
+    run_agent_case(case, 64, 1_000_003, 512, dtype, ignore=5)
