@@ -1,0 +1,55 @@
+"""Shared helpers for the test suite: inputs, the SPEC settings, and the tolerance rule."""
+
+import pytest
+import torch
+
+import normface_kernels
+
+# The rows of SPEC.md's table, as keyword arguments of cosine_softmax.
+SPEC_SETTINGS = {
+    "normface": dict(scale=10.0),
+    "cosface": dict(scale=30.0, m3=0.35),
+    "arcface": dict(scale=30.0, m2=0.5),
+    "sphereface_normalized": dict(scale=20.0, m1=4.0, lam=5.0),
+    "a_softmax_weight_only": dict(scale=1.0, m1=4.0, lam=5.0, normalize_features=False),
+    "l_softmax": dict(scale=1.0, m1=2.0, normalize_features=False, normalize_weight=False),
+    "plain_softmax": dict(scale=1.0, normalize_features=False, normalize_weight=False),
+    "l2_softmax_features_only": dict(scale=16.0, normalize_weight=False),
+    "combined_margins": dict(scale=24.0, m1=1.5, m2=0.2, m3=0.1),
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_extension():
+    """The C++ extension is part of what is tested: a failed build must fail, not skip."""
+    if normface_kernels._cpp_error is not None:
+        pytest.fail(f"normface_kernels._C did not load: {normface_kernels._cpp_error}")
+
+
+def make_inputs(B, C, D, dtype=torch.float64, seed=0, ignore=(), device="cpu",
+                requires_grad=True):
+    """features (B, D), weight (C, D), labels (B,) with rows `ignore` set to -100."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(B, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    w = torch.randn(C, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    y = torch.randint(0, C, (B,), generator=g).to(device)
+    for i in ignore:
+        y[i] = -100
+    return f.requires_grad_(requires_grad), w.requires_grad_(requires_grad), y
+
+
+def grads(loss_fn, *tensors):
+    """Loss (reduction 'none') and the gradients of a weighted sum of it w.r.t. `tensors`."""
+    loss = loss_fn()
+    g = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype)
+    out = torch.autograd.grad((loss * g).sum(), tensors, allow_unused=True)
+    return loss.detach(), [None if x is None else x.detach() for x in out]
+
+
+def assert_low_precision_close(kernel, low_ref, exact, atol, what):
+    """STYLE.md rule: |kernel - exact| <= 2 |low-precision reference - exact| + atol."""
+    kernel, low_ref, exact = (t.double() for t in (kernel, low_ref, exact))
+    err = (kernel - exact).abs().max().item()
+    ref_err = (low_ref - exact).abs().max().item()
+    assert err <= 2 * ref_err + atol, (
+        f"{what}: error {err:.3g} vs reference-in-low-precision error {ref_err:.3g} (+{atol})")
