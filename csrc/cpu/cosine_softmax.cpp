@@ -71,6 +71,28 @@ struct Setup {
   }
 };
 
+// One row of one class block of the forward: z in place (target column replaced by z_iy,
+// kernels.md), then merged into the row's running (max, sum) with one exp per element.
+template <typename acc_t>
+NF_SIMD_CLONES void forward_row(acc_t* row, int64_t n, int64_t y, acc_t sa, acc_t zy,
+                                const acc_t* col, acc_t* run_max, acc_t* run_sum) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t z = j == y ? zy : sa * col[j] * row[j];
+    row[j] = z;
+    m = z > m ? z : m;
+  }
+  // This vectorized max may drop a NaN; the NaN still reaches the sum (exp(NaN) = NaN), so the
+  // row's lse is NaN as SPEC asks. The running max itself lets NaN win.
+  const acc_t m_new = max_nan(*run_max, m);
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += exp_vec(row[j] - m_new);
+  *run_sum = *run_sum * exp_vec(*run_max - m_new) + sum;
+  *run_max = m_new;
+}
+
 template <typename acc_t>
 struct RowArgs {
   acc_t* row;    // in: <f~_i, W_j> for the block; out: Gc_ij / ||W_j||
@@ -86,7 +108,7 @@ struct RowArgs {
 // target), and leaves Gc / ||W_j|| in the tile for the two products. Returns sum_j G b h; with
 // kColSums adds G a h to col_sum[j] (grad_b_j = s sum_i G_ij a_i h_ij, kernels.md).
 template <bool kColSums, typename acc_t>
-inline acc_t backward_row(const RowArgs<acc_t>& r, const acc_t* col, const acc_t* inv_nw,
+NF_SIMD_CLONES acc_t backward_row(const RowArgs<acc_t>& r, const acc_t* col, const acc_t* inv_nw,
                           const acc_t* bj, acc_t* col_sum) {
   acc_t* row = r.row;
   acc_t racc = 0;
@@ -137,24 +159,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& features,
     const acc_t* col = st.col.data() + j0;
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        acc_t* row = tp + i * n;
-        const acc_t sa = st.s * st.a[i];
-        const int64_t y = st.labels.target[i] - j0;  // in [0, n) iff the target is in this block
-        const acc_t zy = st.z_y[i];
-        // Pass 1: z in place (target column replaced by z_iy, kernels.md) and its max.
-        acc_t m = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t j = 0; j < n; ++j) {
-          const acc_t z = j == y ? zy : sa * col[j] * row[j];
-          row[j] = z;
-          m = max_nan(m, z);
-        }
-        // Pass 2: merge into the running pair, one exp per element.
-        const acc_t m_new = max_nan(run_max[i], m);
-        acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < n; ++j) sum += exp_vec(row[j] - m_new);
-        run_sum[i] = run_sum[i] * exp_vec(run_max[i] - m_new) + sum;
-        run_max[i] = m_new;
+        // y in [0, n) iff the target is in this block.
+        forward_row(tp + i * n, n, st.labels.target[i] - j0, st.s * st.a[i], st.z_y[i], col,
+                    &run_max[i], &run_sum[i]);
       }
     });
   }

@@ -14,6 +14,15 @@
 
 #include "common.h"
 
+// The per-element epilogue loops (exp, margins, hinges) are compiled three times and picked at load
+// time by the CPU (GCC function multiversioning): AVX-512, AVX2+FMA, or the baseline x86-64 build.
+// setup.py builds for the baseline, whose 4-wide SSE loops would be the bottleneck.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define NF_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NF_SIMD_CLONES
+#endif
+
 namespace normface {
 namespace cpu {
 
