@@ -66,7 +66,7 @@ def _extensions():
     cuda_home = _find_cuda_home() if want_cuda else None
     use_cuda = bool(want_cuda and cuda_home and cuda_sources)
 
-    cxx_flags = ["-O3", "-std=c++17", "-DNORMFACE_PYTHON_MODULE"]
+    cxx_flags = ["-O3", "-DNORMFACE_PYTHON_MODULE"]
     if sys.platform != "win32":
         cxx_flags.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
@@ -77,7 +77,7 @@ def _extensions():
         cpp_extension.CUDA_HOME = cuda_home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
         include_dirs += _pip_cuda_include_dirs() + _cutlass_include_dirs()
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
                          "-DNORMFACE_PYTHON_MODULE"]
         extra["cxx"] = cxx_flags + ["-DNORMFACE_WITH_CUDA"]
         extra["nvcc"].append("-DNORMFACE_WITH_CUDA")
