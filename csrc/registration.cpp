@@ -89,6 +89,8 @@ TORCH_LIBRARY(normface, m) {
       "bool normalize_weight=True, int ignore_index=-100) -> Tensor");
   // loss (B,) and lse (B,) = logsumexp_j z_ij. lse is defined for every row, ignored rows
   // included (over the plain logits, no target margin), so shards can be merged exactly.
+  // loss_i = lse_i - z_iy; a row whose target lies in another shard has no z_iy term here, so
+  // its loss is lse_i; an ignored row's loss is 0.
   m.def(
       "cosine_softmax_forward(Tensor features, Tensor weight, Tensor labels, Tensor scale, "
       "float m1, float m2, float m3, float lam, bool normalize_features, bool normalize_weight, "

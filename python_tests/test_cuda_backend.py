@@ -182,7 +182,10 @@ def softmax_loss_lse(f, w, y, s, acc, *, m1=1.0, m2=0.0, m3=0.0, lam=0.0,
     onehot = torch.nn.functional.one_hot(yy, w.shape[0]).to(torch.bool) & has[:, None]
     z = torch.where(onehot, z_y.expand_as(z), z)
     lse = torch.logsumexp(z, dim=1)
-    loss = torch.where(has, lse - z_y[:, 0], torch.zeros_like(lse))
+    # A valid row whose target is in another shard: loss = local lse (no target column here).
+    valid = y != ignore_index
+    loss = torch.where(valid, lse - torch.where(has, z_y[:, 0], torch.zeros_like(lse)),
+                       torch.zeros_like(lse))
     return loss, lse
 
 
@@ -346,6 +349,9 @@ def test_cosine_softmax_class_shards_merge_exactly():
         e_loss, e_lse = softmax_loss_lse(f, w[lo:hi], y, s, torch.float64, m2=0.5, class_start=lo)
         torch.testing.assert_close(lse.double(), e_lse, rtol=1e-5, atol=1e-4)
         owns = (y >= lo) & (y < hi)
+        elsewhere = (y != -100) & ~owns
+        torch.testing.assert_close(loss[elsewhere], lse[elsewhere])  # loss = local lse there
+        torch.testing.assert_close(loss.double(), e_loss, rtol=1e-5, atol=1e-4)
         owner_loss = torch.where(owns, loss, owner_loss)
         owner_lse = torch.where(owns, lse, owner_lse)
         lses.append(lse)
@@ -451,11 +457,14 @@ def test_agent_losses_odd_sizes(case, B, C, D):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_c_triplet_hardest_index(dtype):
-    f, w, y = make_inputs(50, 200, 64, dtype, near=1.5)
+    f, w, y = make_inputs(50, 200, 64, dtype, near=1.5, ignore=5)
     loss, hardest = ops.c_triplet_forward(f, w, y, 0.8, True, True, -100, 0, -1)
+    valid = y != -100
+    assert hardest.dtype == torch.int64 and (hardest[~valid] == -1).all()  # ignored rows: -1
+    f, y, hardest = f[valid], y[valid], hardest[valid]
     d = 2.0 - 2.0 * ref.cosine_logits(f.double(), w.double())
     d_neg = d.scatter(1, y[:, None], math.inf)
-    assert hardest.dtype == torch.int64 and (hardest >= 0).all() and (hardest != y).all()
+    assert (hardest >= 0).all() and (hardest != y).all()
     chosen = d_neg.gather(1, hardest[:, None])[:, 0]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (chosen - d_neg.min(dim=1).values).abs().max().item() <= tol
