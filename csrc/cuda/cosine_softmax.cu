@@ -28,6 +28,7 @@ struct SoftmaxEpilogue {
 
   struct Row {
     int64_t y;     // local target class, -1 if none in this call
+    bool valid;    // label != ignore_index
     float inv_nf;  // 1 / ||f_i||
     float a;       // 1 or ||f_i||
     float z_y;     // s a b_y t_i: the target logit (psi applied in fp32, once per row)
@@ -38,6 +39,7 @@ struct SoftmaxEpilogue {
   __device__ Row row(int64_t i) const {
     Row r;
     r.y = labels.local(i);
+    r.valid = labels.valid(i);
     const float n = nf[i];
     r.inv_nf = 1.f / n;
     r.a = norm_f ? 1.f : n;
@@ -47,8 +49,9 @@ struct SoftmaxEpilogue {
       r.z_y = s * r.a * (norm_w ? 1.f : nw[r.y]) * r.t;
     }
     r.lse = lse != nullptr ? lse[i] : 0.f;
-    // Ignored rows and rows whose target is in another shard have loss 0: no gradient from it.
-    r.g = (grad_loss != nullptr && r.y >= 0) ? grad_loss[i] : 0.f;
+    // Ignored rows have loss 0: no gradient from it. A row whose target is in another shard
+    // has loss = local lse (no target column here), so G = (g + e) p, as the formula gives.
+    r.g = (grad_loss != nullptr && r.valid) ? grad_loss[i] : 0.f;
     r.e = grad_lse != nullptr ? grad_lse[i] : 0.f;
     return r;
   }
@@ -67,6 +70,7 @@ struct SoftmaxEpilogue {
                          const float* inv_nw, int sub, int64_t col0, int64_t C) const {
     float z[kColsPerThread];
     float mx = -INFINITY;
+#pragma unroll
     for (int k = 0; k < kColsPerThread; ++k) {
       const int c = sub + 4 * k;
       const int64_t j = col0 + c;
@@ -76,11 +80,13 @@ struct SoftmaxEpilogue {
     }
     const float m_new = mx > st.v[0] ? mx : st.v[0];
     if (m_new == -INFINITY) {  // nothing finite so far: only NaN may need recording
+#pragma unroll
       for (int k = 0; k < kColsPerThread; ++k)
         if (z[k] != z[k]) st.v[1] = z[k];
       return;
     }
     float sum = 0.f;
+#pragma unroll
     for (int k = 0; k < kColsPerThread; ++k) sum += expf(z[k] - m_new);
     st.v[1] = st.v[1] * expf(st.v[0] - m_new) + sum;
     st.v[0] = m_new;
@@ -102,7 +108,8 @@ struct SoftmaxEpilogue {
     const Row r = row(i);
     const float lse_i = st.v[0] + logf(st.v[1]);
     lse_out[i] = lse_i;
-    loss[i] = r.y >= 0 ? lse_i - r.z_y : 0.f;
+    // Target elsewhere: loss_i = lse_i (summing lse_k - loss_k over the shards gives z_iy).
+    loss[i] = r.valid ? lse_i - (r.y >= 0 ? r.z_y : 0.f) : 0.f;
   }
 
   // dL/dz_ij = g (p - [j = y]) + e p; returns dL/dcos / s; row/col terms of grad_a/s, grad_b/s.

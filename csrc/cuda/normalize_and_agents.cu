@@ -10,7 +10,7 @@
 // Rows whose target lies in another shard of the classes (class_start / num_classes): the
 // negatives of c_contrastive are still summed (they are negatives wherever the target is);
 // c_triplet and center_loss give 0 (they need d_iy), and c_triplet still reports its hardest
-// local negative.
+// local negative. Ignored rows: loss 0, hardest -1, no gradient (as the CPU backend).
 
 #include <torch/library.h>
 
@@ -67,6 +67,7 @@ struct ContrastiveEpilogue : AgentBase {
 
   __device__ void reduce(State& st, const Row& r, const float* s_row, const float*,
                          const float* inv_nw, int sub, int64_t col0, int64_t C) const {
+#pragma unroll
     for (int k = 0; k < kColsPerThread; ++k) {
       const int c = sub + 4 * k;
       const int64_t j = col0 + c;
@@ -116,6 +117,7 @@ struct TripletAllEpilogue : AgentBase {
   __device__ void reduce(State& st, const Row& r, const float* s_row, const float*,
                          const float* inv_nw, int sub, int64_t col0, int64_t C) const {
     if (r.y < 0) return;  // no d_iy here: loss 0
+#pragma unroll
     for (int k = 0; k < kColsPerThread; ++k) {
       const int c = sub + 4 * k;
       const int64_t j = col0 + c;
@@ -169,6 +171,7 @@ struct HardestEpilogue : AgentBase {
 
   __device__ void reduce(State& st, const Row& r, const float* s_row, const float*,
                          const float* inv_nw, int sub, int64_t col0, int64_t C) const {
+#pragma unroll
     for (int k = 0; k < kColsPerThread; ++k) {
       const int c = sub + 4 * k;
       const int64_t j = col0 + c;
@@ -199,7 +202,7 @@ struct HardestEpilogue : AgentBase {
       d_k = 2.f - 2.f * (dot * r.inv_nf * (1.f / args.nw[k]));
     }
     if (lane != 0) return;
-    hardest[i] = k;
+    hardest[i] = r.valid ? k : -1;  // ignored rows: -1, as the CPU backend
     loss[i] = r.y >= 0 ? relu_nan(margin + r.d_y - d_k) + (center ? r.d_y : 0.f) : 0.f;
   }
 };

@@ -28,6 +28,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "common.h"
@@ -40,7 +42,6 @@ namespace wmma = nvcuda::wmma;
 constexpr int kTile = 64;       // rows (samples) and columns (classes) of one cosine tile
 constexpr int kThreads = 256;   // 8 warps per block
 constexpr int kWarps = kThreads / 32;
-constexpr int kChunk = 32;      // D-chunk staged in shared memory for the cosine GEMM
 constexpr int kSLd = kTile + 4; // leading dimension of fp32 tiles (padding against bank conflicts)
 // Epilogue mapping: thread t handles row t / 4 of the tile and columns (t % 4) + 4k, k < 16.
 constexpr int kColsPerThread = kTile / 4;
@@ -110,14 +111,17 @@ struct WmmaEngine {
   struct Acc { wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag[2]; };
 
   __device__ static void zero(Acc& acc) {
+#pragma unroll
     for (int q = 0; q < 2; ++q) wmma::fill_fragment(acc.frag[q], 0.f);
   }
   __device__ static void load(Acc& acc, const float* c, int ldc) {
+#pragma unroll
     for (int q = 0; q < 2; ++q)
       wmma::load_matrix_sync(acc.frag[q], c + warp_row0() * ldc + warp_col0(q), ldc,
                              wmma::mem_row_major);
   }
   __device__ static void store(const Acc& acc, float* c, int ldc) {
+#pragma unroll
     for (int q = 0; q < 2; ++q)
       wmma::store_matrix_sync(c + warp_row0() * ldc + warp_col0(q), acc.frag[q], ldc,
                               wmma::mem_row_major);
@@ -131,6 +135,7 @@ struct WmmaEngine {
     const int m0 = warp_row0();
     for (int k0 = 0; k0 < k; k0 += 16) {
       wmma::load_matrix_sync(fa, kARow ? a + m0 * lda + k0 : a + k0 * lda + m0, lda);
+#pragma unroll
       for (int q = 0; q < 2; ++q) {
         const int n0 = warp_col0(q);
         wmma::load_matrix_sync(fb, kBRow ? b + k0 * ldb + n0 : b + n0 * ldb + k0, ldb);
@@ -146,14 +151,17 @@ struct Tf32Engine {
   struct Acc { wmma::fragment<wmma::accumulator, 16, 16, 8, float> frag[2]; };
 
   __device__ static void zero(Acc& acc) {
+#pragma unroll
     for (int q = 0; q < 2; ++q) wmma::fill_fragment(acc.frag[q], 0.f);
   }
   __device__ static void load(Acc& acc, const float* c, int ldc) {
+#pragma unroll
     for (int q = 0; q < 2; ++q)
       wmma::load_matrix_sync(acc.frag[q], c + warp_row0() * ldc + warp_col0(q), ldc,
                              wmma::mem_row_major);
   }
   __device__ static void store(const Acc& acc, float* c, int ldc) {
+#pragma unroll
     for (int q = 0; q < 2; ++q)
       wmma::store_matrix_sync(c + warp_row0() * ldc + warp_col0(q), acc.frag[q], ldc,
                               wmma::mem_row_major);
@@ -167,10 +175,13 @@ struct Tf32Engine {
     const int m0 = warp_row0();
     for (int k0 = 0; k0 < k; k0 += 8) {
       wmma::load_matrix_sync(fa, kARow ? a + m0 * lda + k0 : a + k0 * lda + m0, lda);
+#pragma unroll
       for (int t = 0; t < fa.num_elements; ++t) fa.x[t] = wmma::__float_to_tf32(fa.x[t]);
+#pragma unroll
       for (int q = 0; q < 2; ++q) {
         const int n0 = warp_col0(q);
         wmma::load_matrix_sync(fb, kBRow ? b + k0 * ldb + n0 : b + n0 * ldb + k0, ldb);
+#pragma unroll
         for (int t = 0; t < fb.num_elements; ++t) fb.x[t] = wmma::__float_to_tf32(fb.x[t]);
         wmma::mma_sync(acc.frag[q], fa, fb, acc.frag[q]);
       }
@@ -184,16 +195,19 @@ struct FmaEngine {
   struct Acc { float v[4][4]; };
 
   __device__ static void zero(Acc& acc) {
+#pragma unroll
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) acc.v[i][j] = 0.f;
   }
   __device__ static void load(Acc& acc, const float* c, int ldc) {
     const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+#pragma unroll
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) acc.v[i][j] = c[(tr + 16 * i) * ldc + tc + 16 * j];
   }
   __device__ static void store(const Acc& acc, float* c, int ldc) {
     const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+#pragma unroll
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) c[(tr + 16 * i) * ldc + tc + 16 * j] = acc.v[i][j];
   }
@@ -203,15 +217,19 @@ struct FmaEngine {
 #pragma unroll 4
     for (int kk = 0; kk < k; ++kk) {
       float av[4], bv[4];
+#pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int m = tr + 16 * i;
         av[i] = kARow ? a[m * lda + kk] : a[kk * lda + m];
       }
+#pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int n = tc + 16 * j;
         bv[j] = kBRow ? b[kk * ldb + n] : b[n * ldb + kk];
       }
+#pragma unroll
       for (int i = 0; i < 4; ++i)
+#pragma unroll
         for (int j = 0; j < 4; ++j) acc.v[i][j] = fmaf(av[i], bv[j], acc.v[i][j]);
     }
   }
@@ -228,21 +246,25 @@ template <class Eng>
 struct TileSmem {
   using In = typename Eng::In;
   static constexpr int kPad = 16 / static_cast<int>(sizeof(In));  // keeps rows 16-byte aligned
-  static constexpr int kChunkLd = kChunk + kPad;                    // f and W chunks (cosines)
-  static constexpr int kWideLd = kTile + kPad;                      // Gc tile, 64-wide operands
+  // D-chunk of the cosine product: 128 bytes of each row (64 fp16/bf16, 32 fp32 values).
+  static constexpr int kChunk = 128 / static_cast<int>(sizeof(In));
+  static constexpr int kChunkLd = kChunk + kPad;  // f and W chunks (cosines)
+  static constexpr int kWideLd = kTile + kPad;    // Gc tile, 64-wide operands of the gradients
+  // Two stages (double buffering with cp.async) of an f chunk and a W chunk; the two 64-wide
+  // operand buffers of the gradient products alias them (never live at the same time).
+  static constexpr size_t kChunkElems = size_t(kTile) * kChunkLd;
+  static constexpr size_t kWideElems = size_t(kTile) * kWideLd;
   static constexpr size_t kStageElems =
-      2 * kTile * kChunkLd > kTile * kWideLd ? 2 * kTile * kChunkLd : kTile * kWideLd;
+      4 * kChunkElems > 2 * kWideElems ? 4 * kChunkElems : 2 * kWideElems;
   static constexpr size_t kStageBytes = round128(kStageElems * sizeof(In));
   static constexpr size_t kSBytes = round128(sizeof(float) * kTile * kSLd);
-  static constexpr size_t kGBytes = round128(sizeof(In) * kTile * kWideLd);
+  static constexpr size_t kGBytes = round128(sizeof(In) * kWideElems);
   static constexpr size_t kNormBytes = round128(sizeof(float) * 2 * kTile);
   static constexpr size_t kFixedBytes = kStageBytes + kSBytes + kGBytes + kNormBytes;
   // The backward accumulator: 64 rows x `width` columns of fp32, leading dimension width + 4.
   static constexpr size_t acc_bytes(int width) { return sizeof(float) * kTile * (width + 4); }
 
-  In* chunk_f;   // (64, kChunkLd) rows of f, one D-chunk
-  In* chunk_w;   // (64, kChunkLd) rows of W, one D-chunk
-  In* wide;      // (64, kWideLd) aliases the two chunks: operand of the gradient products
+  In* stage;     // chunk_f(b), chunk_w(b), wide(b) below
   float* s;      // (64, kSLd) raw dot products <f_i, W_j> of the current tile
   In* g;         // (64, kWideLd) dL/dcos of the tile, scaled for the product that consumes it
   float* nw;     // (64) ||W_j|| of the tile's classes
@@ -250,15 +272,18 @@ struct TileSmem {
   float* acc;    // (64, width + 4) backward accumulator
 
   __device__ explicit TileSmem(unsigned char* base) {
-    chunk_f = reinterpret_cast<In*>(base);
-    chunk_w = chunk_f + kTile * kChunkLd;
-    wide = chunk_f;
+    stage = reinterpret_cast<In*>(base);
     s = reinterpret_cast<float*>(base + kStageBytes);
     g = reinterpret_cast<In*>(base + kStageBytes + kSBytes);
     nw = reinterpret_cast<float*>(base + kStageBytes + kSBytes + kGBytes);
     inv_nw = nw + kTile;
     acc = reinterpret_cast<float*>(base + kFixedBytes);
   }
+  // (64, kChunkLd) rows of f / of W, one D-chunk, stage b (0 or 1).
+  __device__ In* chunk_f(int b) const { return stage + (2 * b) * kChunkElems; }
+  __device__ In* chunk_w(int b) const { return stage + (2 * b + 1) * kChunkElems; }
+  // (64, kWideLd) 64 columns of W or f: operand of the gradient products, stage b.
+  __device__ In* wide(int b) const { return stage + b * kWideElems; }
 };
 
 template <typename In>
@@ -267,11 +292,25 @@ struct TileArgs {
   const In* w;       // (C, D) weight, raw (never a normalized copy)
   const float* nw;   // (C) ||W_j||
   int64_t B, C, D;
-  bool vec;          // 16-byte loads allowed (D a multiple of 16 / sizeof(In), aligned bases)
+  bool vec;          // 16-byte loads allowed (D a multiple of 16 / sizeof(In), aligned bases):
+                     // then chunks are copied with cp.async, double buffered
 };
+
+// cp.async (sm_80+): 16 bytes global -> shared without registers; size 0 writes zeros.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const unsigned int d = static_cast<unsigned int>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
 
 // Rows [row0, row0 + 64) x columns [col0, col0 + kWidth) of a row-major (rows, D) matrix into
 // shared memory (leading dimension ld); zeros outside the matrix, so padding adds nothing.
+// vec: asynchronous 16-byte copies (the caller commits and waits); else plain loads.
 template <typename In, int kWidth>
 __device__ __forceinline__ void load_chunk(In* dst, int ld, const In* src, int64_t rows, int64_t D,
                                            int64_t row0, int64_t col0, bool vec) {
@@ -281,9 +320,8 @@ __device__ __forceinline__ void load_chunk(In* dst, int ld, const In* src, int64
     for (int e = threadIdx.x; e < kTile * kPerRow; e += kThreads) {
       const int r = e / kPerRow, c = (e % kPerRow) * kVec;
       const int64_t row = row0 + r, col = col0 + c;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (row < rows && col < D) v = *reinterpret_cast<const uint4*>(src + row * D + col);
-      *reinterpret_cast<uint4*>(dst + r * ld + c) = v;
+      const bool inside = row < rows && col < D;  // D % kVec == 0: a vector is all in or out
+      cp_async16(dst + r * ld + c, inside ? src + row * D + col : src, inside);
     }
   } else {
     for (int e = threadIdx.x; e < kTile * kWidth; e += kThreads) {
@@ -306,23 +344,72 @@ __device__ __forceinline__ void load_tile_norms(float* nw, float* inv_nw, const 
 }
 
 // S = f[row0:row0+64] W[col0:col0+64]^T (raw dot products, fp32) into sm.s. Ends synchronized.
+// Double buffered: chunk n+1 is in flight (cp.async) while the tensor cores work on chunk n.
 template <class Eng>
 __device__ void cosine_dots(const TileSmem<Eng>& sm, const TileArgs<typename Eng::In>& args,
                             int64_t row0, int64_t col0) {
   using In = typename Eng::In;
+  constexpr int kChunk = TileSmem<Eng>::kChunk;
   constexpr int ld = TileSmem<Eng>::kChunkLd;
+  auto issue = [&](int b, int64_t d0) {
+    load_chunk<In, kChunk>(sm.chunk_f(b), ld, args.f, args.B, args.D, row0, d0, args.vec);
+    load_chunk<In, kChunk>(sm.chunk_w(b), ld, args.w, args.C, args.D, col0, d0, args.vec);
+    cp_async_commit();  // an empty group on the synchronous path: harmless
+  };
   typename Eng::Acc acc;
   Eng::zero(acc);
-  for (int64_t d0 = 0; d0 < args.D; d0 += kChunk) {
-    load_chunk<In, kChunk>(sm.chunk_f, ld, args.f, args.B, args.D, row0, d0, args.vec);
-    load_chunk<In, kChunk>(sm.chunk_w, ld, args.w, args.C, args.D, col0, d0, args.vec);
+  const int64_t num_chunks = (args.D + kChunk - 1) / kChunk;
+  if (num_chunks > 0) issue(0, 0);
+  for (int64_t n = 0; n < num_chunks; ++n) {
+    const int b = static_cast<int>(n & 1);
+    if (n + 1 < num_chunks) {
+      issue(b ^ 1, (n + 1) * kChunk);  // its buffer was last read before the previous barrier
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     __syncthreads();
-    // A = f chunk (row-major, 64 x 32); B(k, n) = W chunk[n][k] (column-major view).
-    Eng::template mma<true, false>(acc, sm.chunk_f, ld, sm.chunk_w, ld, kChunk);
+    // A = f chunk (row-major, 64 x kChunk); B(k, n) = W chunk[n][k] (column-major view).
+    Eng::template mma<true, false>(acc, sm.chunk_f(b), ld, sm.chunk_w(b), ld, kChunk);
     __syncthreads();
   }
   Eng::store(acc, sm.s, kSLd);
   __syncthreads();
+}
+
+// acc(64, width) += A (64 x 64, the Gc tile in sm.g) x rows [src0, src0 + 64) of `src` (a
+// row-major (rows, D) matrix), columns [d_begin, d_end): the gradient products. kARow: A is
+// sm.g (grad_f: Gc/||W|| @ W); otherwise A is sm.g transposed (grad_W: (Gc/||f||)^T @ f).
+// Double buffered like cosine_dots. Starts and ends synchronized.
+template <class Eng, bool kARow>
+__device__ void accumulate_product(const TileSmem<Eng>& sm, const TileArgs<typename Eng::In>& args,
+                                   const typename Eng::In* src, int64_t rows, int64_t src0,
+                                   int64_t d_begin, int64_t d_end, int acc_ld) {
+  using In = typename Eng::In;
+  constexpr int kWideLd = TileSmem<Eng>::kWideLd;
+  auto issue = [&](int b, int64_t dc) {
+    load_chunk<In, kTile>(sm.wide(b), kWideLd, src, rows, args.D, src0, dc, args.vec);
+    cp_async_commit();
+  };
+  if (d_begin < d_end) issue(0, d_begin);
+  for (int64_t dc = d_begin, n = 0; dc < d_end; dc += kTile, ++n) {
+    const int b = static_cast<int>(n & 1);
+    if (dc + kTile < d_end) {
+      issue(b ^ 1, dc + kTile);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    float* acc_tile = sm.acc + (dc - d_begin);
+    typename Eng::Acc acc;
+    Eng::load(acc, acc_tile, acc_ld);
+    // kARow: A(m = row, k = class) = g[m][k]. Else A(m = class, k = row) = g[k][m], the Gc
+    // tile read column-major.
+    Eng::template mma<kARow, true>(acc, sm.g, kWideLd, sm.wide(b), kWideLd, kTile);
+    Eng::store(acc, acc_tile, acc_ld);
+    __syncthreads();
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -431,6 +518,7 @@ __global__ void __launch_bounds__(kThreads)
     load_tile_norms(sm.nw, sm.inv_nw, args.nw, args.C, col0);
     cosine_dots<Eng>(sm, args, row0, col0);
     bool nonzero = false;
+#pragma unroll
     for (int k = 0; k < kColsPerThread; ++k) {
       const int c = sub + 4 * k;
       const int64_t j = col0 + c;
@@ -447,16 +535,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     // Tiles with no gradient at all (inactive hinges, ignored rows) skip the product.
     if (!__syncthreads_or(nonzero)) continue;
-    for (int64_t dc = d_begin; dc < d_end; dc += kTile) {
-      load_chunk<In, kTile>(sm.wide, kWideLd, args.w, args.C, args.D, col0, dc, args.vec);
-      __syncthreads();
-      float* acc_tile = sm.acc + (dc - d_begin);
-      typename Eng::Acc acc;
-      Eng::load(acc, acc_tile, acc_ld);
-      Eng::template mma<true, true>(acc, sm.g, kWideLd, sm.wide, kWideLd, kTile);
-      Eng::store(acc, acc_tile, acc_ld);
-      __syncthreads();
-    }
+    accumulate_product<Eng, true>(sm, args, args.w, args.C, col0, d_begin, d_end, acc_ld);
   }
   __syncthreads();
   for (int e = threadIdx.x; e < kTile * width; e += kThreads) {
@@ -495,6 +574,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int e = threadIdx.x; e < kTile * acc_ld; e += kThreads) sm.acc[e] = 0.f;
   load_tile_norms(sm.nw, sm.inv_nw, args.nw, args.C, col0);  // fixed for the whole block
   float col_sum[kColsPerThread];
+#pragma unroll
   for (int k = 0; k < kColsPerThread; ++k) col_sum[k] = 0.f;
   const int64_t d_end = std::min(args.D, d_begin + width);
   const int64_t row_tiles = (args.B + kTile - 1) / kTile;
@@ -504,6 +584,7 @@ __global__ void __launch_bounds__(kThreads)
     const typename Epi::Row row = epi.row(row_ok ? i : 0);
     cosine_dots<Eng>(sm, args, row0, col0);
     bool nonzero = false;
+#pragma unroll
     for (int k = 0; k < kColsPerThread; ++k) {
       const int c = sub + 4 * k;
       const int64_t j = col0 + c;
@@ -519,20 +600,11 @@ __global__ void __launch_bounds__(kThreads)
       sm.g[r * kWideLd + c] = narrow<In>(v);
     }
     if (!__syncthreads_or(nonzero)) continue;
-    for (int64_t dc = d_begin; dc < d_end; dc += kTile) {
-      load_chunk<In, kTile>(sm.wide, kWideLd, args.f, args.B, args.D, row0, dc, args.vec);
-      __syncthreads();
-      float* acc_tile = sm.acc + (dc - d_begin);
-      typename Eng::Acc acc;
-      Eng::load(acc, acc_tile, acc_ld);
-      // A(m = class, k = row) = g[k][m]: the Gc tile read column-major is its transpose.
-      Eng::template mma<false, true>(acc, sm.g, kWideLd, sm.wide, kWideLd, kTile);
-      Eng::store(acc, acc_tile, acc_ld);
-      __syncthreads();
-    }
+    accumulate_product<Eng, false>(sm, args, args.f, args.B, row0, d_begin, d_end, acc_ld);
   }
   __syncthreads();
   // Column sums over the 64 rows of partials (s is free now); row 0 of s ends up with them.
+#pragma unroll
   for (int k = 0; k < kColsPerThread; ++k) sm.s[r * kSLd + sub + 4 * k] = col_sum[k];
   __syncthreads();
   if (threadIdx.x < kTile) {
@@ -748,7 +820,12 @@ TileArgs<In> make_tile_args(const at::Tensor& f, const at::Tensor& w, const Prep
   a.B = f.size(0);
   a.C = w.size(0);
   a.D = f.size(1);
-  a.vec = a.D % (16 / sizeof(In)) == 0 && aligned16(a.f) && aligned16(a.w);
+  // NORMFACE_CUDA_SYNC_LOADS=1 forces the plain-load path (a debugging aid for cp.async).
+  static const bool sync_loads = [] {
+    const char* v = std::getenv("NORMFACE_CUDA_SYNC_LOADS");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  a.vec = !sync_loads && a.D % (16 / sizeof(In)) == 0 && aligned16(a.f) && aligned16(a.w);
   return a;
 }
 
