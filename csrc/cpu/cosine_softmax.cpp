@@ -207,9 +207,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   std::vector<acc_t> row_acc(B, 0);
   at::Tensor grad_unit_f = at::zeros({B, D}, acc_opts);  // sum_j Gc_ij W~_j
   const int64_t block = class_block(B, C);
-  const int nthreads = at::get_num_threads();
-  // Column sums for grad_b (only when ||W_j|| multiplies the logits), one slice per thread.
-  std::vector<acc_t> col_acc(mg.normalize_weight ? 0 : static_cast<size_t>(nthreads) * block);
+  // Rows are split into `chunks` fixed ranges; column sums for grad_b (only when ||W_j|| multiplies
+  // the logits) get one slice per chunk, so no two threads add into the same slice.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads()));
+  std::vector<acc_t> col_acc(mg.normalize_weight ? 0 : static_cast<size_t>(chunks * block));
   at::Tensor tile_buf = at::empty({B * block}, acc_opts), w_buf;
   at::Tensor q_buf = at::empty({block * D}, acc_opts);
   scalar_t* gw = grad_w.data_ptr<scalar_t>();
@@ -223,13 +224,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const acc_t* inv_nw = st.inv_nw.data() + j0;
     const acc_t* bj = st.b.data() + j0;
     std::fill(col_acc.begin(), col_acc.end(), acc_t(0));
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      acc_t* cacc = col_acc.empty() ? nullptr : col_acc.data() + at::get_thread_num() * block;
-      for (int64_t i = begin; i < end; ++i) {
-        RowArgs<acc_t> r{tp + i * n, n, st.labels.target[i] - j0, st.s * st.a[i], st.a[i],
-                         st.z_y[i], st.t[i], st.dt[i], lse_p[i], g[i], g[i] + ge[i]};
-        row_acc[i] += cacc ? backward_row<true>(r, col, inv_nw, bj, cacc)
-                           : backward_row<false>(r, col, inv_nw, bj, cacc);
+    at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        acc_t* cacc = col_acc.empty() ? nullptr : col_acc.data() + c * block;
+        for (int64_t i = c * B / chunks; i < (c + 1) * B / chunks; ++i) {
+          RowArgs<acc_t> r{tp + i * n, n, st.labels.target[i] - j0, st.s * st.a[i], st.a[i],
+                           st.z_y[i], st.t[i], st.dt[i], lse_p[i], g[i], g[i] + ge[i]};
+          row_acc[i] += cacc ? backward_row<true>(r, col, inv_nw, bj, cacc)
+                             : backward_row<false>(r, col, inv_nw, bj, cacc);
+        }
       }
     });
     // grad f~ += (Gc / ||W||) @ W ;  grad W~ / ||W|| = (Gc / ||W||)^T @ f~   (kernels.md)
@@ -242,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
         acc_t gb = 0;
-        for (int th = 0; th < nthreads && !col_acc.empty(); ++th) gb += col_acc[th * block + j];
+        for (int64_t c = 0; c < chunks && !col_acc.empty(); ++c) gb += col_acc[c * block + j];
         normalize_backward_row(wbp + j * D, inv_nw[j], qp + j * D, acc_t(1), st.s * gb, D,
                                gw + (j0 + j) * D);
       }
