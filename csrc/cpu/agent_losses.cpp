@@ -34,6 +34,61 @@ std::vector<at::opmath_type<scalar_t>> upstream(const at::Tensor& grad_loss,
   return out;
 }
 
+// Per-row loops of the dense terms over one class block (row: <f~_i, W_j> on entry), compiled for
+// several vector widths (NF_SIMD_CLONES). The target column y is skipped (it is a sparse term).
+
+// sum_{j != y} relu(neg_margin - d_ij)
+template <typename acc_t>
+NF_SIMD_CLONES acc_t contrastive_row_loss(const acc_t* row, int64_t n, int64_t y,
+                                          const acc_t* inv_nw, acc_t neg) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
+    s += j == y ? acc_t(0) : relu_nan(neg - d);
+  }
+  return s;
+}
+
+// row <- Gc_ij / ||W_j|| = 2 g [neg_margin - d_ij > 0] / ||W_j||  (0 at the target column)
+template <typename acc_t>
+NF_SIMD_CLONES void contrastive_row_grad(acc_t* row, int64_t n, int64_t y, const acc_t* inv_nw,
+                                         acc_t neg, acc_t two_g) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
+    row[j] = (j != y && neg - d > acc_t(0)) ? two_g * inv_nw[j] : acc_t(0);
+  }
+}
+
+// sum_{k != y} relu(margin + d_iy - d_ik), base = margin + d_iy
+template <typename acc_t>
+NF_SIMD_CLONES acc_t triplet_row_loss(const acc_t* row, int64_t n, int64_t y,
+                                      const acc_t* inv_nw, acc_t base) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
+    s += j == y ? acc_t(0) : relu_nan(base - d);
+  }
+  return s;
+}
+
+// row <- 2 g [base - d_ik > 0] / ||W_k|| (0 at the target column); returns the active count.
+template <typename acc_t>
+NF_SIMD_CLONES acc_t triplet_row_grad(acc_t* row, int64_t n, int64_t y, const acc_t* inv_nw,
+                                      acc_t base, acc_t two_g) {
+  acc_t count = 0;
+#pragma omp simd reduction(+ : count)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
+    const bool on = j != y && base - d > acc_t(0);
+    count += on ? acc_t(1) : acc_t(0);
+    row[j] = on ? two_g * inv_nw[j] : acc_t(0);
+  }
+  return count;
+}
+
 // ---------------------------------------------------------------- c_contrastive (eq. 10)
 
 template <typename scalar_t>
@@ -48,15 +103,7 @@ at::Tensor contrastive_forward(const at::Tensor& features, const at::Tensor& wei
   std::vector<acc_t> sum(st.B, 0);
   walk_class_blocks(st, [&](int64_t i, int64_t j0, int64_t n, acc_t* row) {
     if (st.labels.ignored[i]) return;
-    const int64_t y = st.labels.target[i] - j0;
-    const acc_t* inv_nw = st.inv_nw.data() + j0;
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
-      s += j == y ? acc_t(0) : relu_nan(neg - d);
-    }
-    sum[i] += s;
+    sum[i] += contrastive_row_loss(row, n, st.labels.target[i] - j0, st.inv_nw.data() + j0, neg);
   }, [](int64_t, int64_t, const at::Tensor&, const at::Tensor&) {});
   acc_t* lp = loss.data_ptr<acc_t>();
   for (int64_t i = 0; i < st.B; ++i) {
@@ -81,15 +128,8 @@ std::tuple<at::Tensor, at::Tensor> contrastive_backward(
   const acc_t neg = static_cast<acc_t>(neg_margin), pos = static_cast<acc_t>(pos_margin);
   AgentGrads<scalar_t> grads(st, st.labels.target, /*dense=*/true);
   walk_class_blocks(st, [&](int64_t i, int64_t j0, int64_t n, acc_t* row) {
-    const int64_t y = st.labels.target[i] - j0;
-    const acc_t* inv_nw = st.inv_nw.data() + j0;
-    const acc_t two_g = acc_t(2) * g[i];
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
-      const bool active = j != y && neg - d > acc_t(0);
-      row[j] = active ? two_g * inv_nw[j] : acc_t(0);  // Gc / ||W_j||
-    }
+    contrastive_row_grad(row, n, st.labels.target[i] - j0, st.inv_nw.data() + j0, neg,
+                         acc_t(2) * g[i]);
   }, [&](int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
     grads.add_dense_block(j0, n, p, wb);
   });
@@ -137,14 +177,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_forward(const at::Tensor& features,
       hp[i] = best_j;
     } else {
       if (st.labels.target[i] < 0) return;  // target elsewhere: no d_iy, loss 0
-      const acc_t base = margin + st.d_y[i];
-      acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t j = 0; j < n; ++j) {
-        const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
-        s += j == y ? acc_t(0) : relu_nan(base - d);
-      }
-      acc[i] += s;
+      acc[i] += triplet_row_loss(row, n, y, inv_nw, margin + st.d_y[i]);
     }
   }, [](int64_t, int64_t, const at::Tensor&, const at::Tensor&) {});
   acc_t* lp = loss.data_ptr<acc_t>();
@@ -176,20 +209,12 @@ std::tuple<at::Tensor, at::Tensor> triplet_backward(
     std::vector<acc_t> active(st.B, 0);
     AgentGrads<scalar_t> grads(st, sparse, /*dense=*/true);
     walk_class_blocks(st, [&](int64_t i, int64_t j0, int64_t n, acc_t* row) {
-      const int64_t y_abs = st.labels.target[i];
-      const int64_t y = y_abs - j0;
-      const acc_t* inv_nw = st.inv_nw.data() + j0;
-      const acc_t two_g = y_abs >= 0 ? acc_t(2) * g[i] : acc_t(0);
-      const acc_t base = margin + st.d_y[i];
-      acc_t count = 0;
-#pragma omp simd reduction(+ : count)
-      for (int64_t j = 0; j < n; ++j) {
-        const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
-        const bool on = y_abs >= 0 && j != y && base - d > acc_t(0);
-        count += on ? acc_t(1) : acc_t(0);
-        row[j] = on ? two_g * inv_nw[j] : acc_t(0);
+      if (st.labels.target[i] < 0) {  // target elsewhere or ignored: loss 0, no gradient
+        std::fill(row, row + n, acc_t(0));
+        return;
       }
-      active[i] += count;
+      active[i] += triplet_row_grad(row, n, st.labels.target[i] - j0, st.inv_nw.data() + j0,
+                                    margin + st.d_y[i], acc_t(2) * g[i]);
     }, [&](int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
       grads.add_dense_block(j0, n, p, wb);
     });
