@@ -105,9 +105,12 @@ __device__ __forceinline__ int warp_row0() { return 16 * (threadIdx.x / 32 / 2);
 __device__ __forceinline__ int warp_col0(int q) { return 16 * (2 * ((threadIdx.x / 32) % 2) + q); }
 
 // fp16 / bf16 inputs on tensor cores, fp32 accumulation.
+// The gradient products run in bf16 even for fp16 inputs: their Gc operand holds values like
+// g_i p_ij (1/B times probabilities ~1/C), far below fp16's range but fine in bf16's.
 template <typename In_>
 struct WmmaEngine {
   using In = In_;
+  using GradEngine = WmmaEngine<__nv_bfloat16>;
   struct Acc { wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag[2]; };
 
   __device__ static void zero(Acc& acc) {
@@ -148,6 +151,7 @@ struct WmmaEngine {
 // fp32 inputs on tensor cores as TF32 (only when torch.backends.cuda.matmul.allow_tf32).
 struct Tf32Engine {
   using In = float;
+  using GradEngine = Tf32Engine;
   struct Acc { wmma::fragment<wmma::accumulator, 16, 16, 8, float> frag[2]; };
 
   __device__ static void zero(Acc& acc) {
@@ -192,6 +196,7 @@ struct Tf32Engine {
 // Exact fp32 (TF32 disallowed): thread t owns rows t/16 + 16i and columns t%16 + 16j, i, j < 4.
 struct FmaEngine {
   using In = float;
+  using GradEngine = FmaEngine;
   struct Acc { float v[4][4]; };
 
   __device__ static void zero(Acc& acc) {
@@ -245,6 +250,8 @@ constexpr size_t round128(size_t x) { return (x + 127) / 128 * 128; }
 template <class Eng>
 struct TileSmem {
   using In = typename Eng::In;
+  using GradIn = typename Eng::GradEngine::In;  // Gc tile and gradient-product operands
+  static_assert(sizeof(GradIn) == sizeof(In), "operand buffers are shared");
   static constexpr int kPad = 16 / static_cast<int>(sizeof(In));  // keeps rows 16-byte aligned
   // D-chunk of the cosine product: 128 bytes of each row (64 fp16/bf16, 32 fp32 values).
   static constexpr int kChunk = 128 / static_cast<int>(sizeof(In));
@@ -266,7 +273,7 @@ struct TileSmem {
 
   In* stage;     // chunk_f(b), chunk_w(b), wide(b) below
   float* s;      // (64, kSLd) raw dot products <f_i, W_j> of the current tile
-  In* g;         // (64, kWideLd) dL/dcos of the tile, scaled for the product that consumes it
+  GradIn* g;     // (64, kWideLd) dL/dcos of the tile, scaled for the product that consumes it
   float* nw;     // (64) ||W_j|| of the tile's classes
   float* inv_nw; // (64) 1 / ||W_j||
   float* acc;    // (64, width + 4) backward accumulator
@@ -274,7 +281,7 @@ struct TileSmem {
   __device__ explicit TileSmem(unsigned char* base) {
     stage = reinterpret_cast<In*>(base);
     s = reinterpret_cast<float*>(base + kStageBytes);
-    g = reinterpret_cast<In*>(base + kStageBytes + kSBytes);
+    g = reinterpret_cast<GradIn*>(base + kStageBytes + kSBytes);
     nw = reinterpret_cast<float*>(base + kStageBytes + kSBytes + kGBytes);
     inv_nw = nw + kTile;
     acc = reinterpret_cast<float*>(base + kFixedBytes);
@@ -386,6 +393,8 @@ __device__ void accumulate_product(const TileSmem<Eng>& sm, const TileArgs<typen
                                    const typename Eng::In* src, int64_t rows, int64_t src0,
                                    int64_t d_begin, int64_t d_end, int acc_ld) {
   using In = typename Eng::In;
+  using GradEng = typename Eng::GradEngine;
+  using GradIn = typename GradEng::In;
   constexpr int kWideLd = TileSmem<Eng>::kWideLd;
   auto issue = [&](int b, int64_t dc) {
     load_chunk<In, kTile>(sm.wide(b), kWideLd, src, rows, args.D, src0, dc, args.vec);
@@ -401,13 +410,23 @@ __device__ void accumulate_product(const TileSmem<Eng>& sm, const TileArgs<typen
       cp_async_wait<0>();
     }
     __syncthreads();
+    GradIn* operand = reinterpret_cast<GradIn*>(sm.wide(b));
+    if constexpr (!std::is_same_v<In, GradIn>) {
+      // fp16 -> bf16 in place (same size; each thread converts the elements it reads back).
+      const In* raw = sm.wide(b);
+      for (int e = threadIdx.x; e < kTile * kTile; e += kThreads) {
+        const int at = (e / kTile) * kWideLd + e % kTile;
+        operand[at] = narrow<GradIn>(widen(raw[at]));
+      }
+      __syncthreads();
+    }
     float* acc_tile = sm.acc + (dc - d_begin);
-    typename Eng::Acc acc;
-    Eng::load(acc, acc_tile, acc_ld);
+    typename GradEng::Acc acc;
+    GradEng::load(acc, acc_tile, acc_ld);
     // kARow: A(m = row, k = class) = g[m][k]. Else A(m = class, k = row) = g[k][m], the Gc
     // tile read column-major.
-    Eng::template mma<kARow, true>(acc, sm.g, kWideLd, sm.wide(b), kWideLd, kTile);
-    Eng::store(acc, acc_tile, acc_ld);
+    GradEng::template mma<kARow, true>(acc, sm.g, kWideLd, operand, kWideLd, kTile);
+    GradEng::store(acc, acc_tile, acc_ld);
     __syncthreads();
   }
 }
@@ -531,7 +550,7 @@ __global__ void __launch_bounds__(kThreads)
         v = gc * sm.inv_nw[c];  // grad_f~_i = sum_j Gc_ij W_j / ||W_j||
       }
       nonzero |= v != 0.f;  // true for NaN too
-      sm.g[r * kWideLd + c] = narrow<In>(v);
+      sm.g[r * kWideLd + c] = narrow<typename TileSmem<Eng>::GradIn>(v);
     }
     // Tiles with no gradient at all (inactive hinges, ignored rows) skip the product.
     if (!__syncthreads_or(nonzero)) continue;
@@ -597,7 +616,7 @@ __global__ void __launch_bounds__(kThreads)
         v = gc * row.inv_nf;  // grad_W~_j = sum_i Gc_ij f_i / ||f_i||
       }
       nonzero |= v != 0.f;
-      sm.g[r * kWideLd + c] = narrow<In>(v);
+      sm.g[r * kWideLd + c] = narrow<typename TileSmem<Eng>::GradIn>(v);
     }
     if (!__syncthreads_or(nonzero)) continue;
     accumulate_product<Eng, false>(sm, args, args.f, args.B, row0, d_begin, d_end, acc_ld);
