@@ -15,6 +15,8 @@ Shards (registration.cpp): c_contrastive sums the local negatives of a row whose
 another shard; c_triplet gives it loss 0 (and still its hardest local negative); center_loss 0.
 """
 
+from types import SimpleNamespace
+
 import torch
 import triton
 import triton.language as tl
@@ -24,7 +26,7 @@ from . import config
 from .cosine_softmax_bwd import MODE_CONTRASTIVE, MODE_TRIPLET, grad_features, grad_weight
 from .cosine_softmax_fwd import local_targets
 from .normalize import acc_dtype, row_norms, unit_backward
-from .tiles import dot_tile, relu_nan, row_ids, target_cosines
+from .tiles import dot_tile, launch, relu_nan, row_ids, target_cosines
 
 _NO_INDEX = 2 ** 62  # "no index yet" in the first-index-of-the-minimum reduction
 _NO_INDEX_TL = tl.constexpr(_NO_INDEX)
@@ -77,21 +79,20 @@ def _agent_partial_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, yl_ptr, thr_ptr, val_ptr
         tl.store(val_ptr + out, total, mask=rmask)
 
 
-class AgentRows:
+def agent_rows(features, weight, labels, ignore_index, class_start):
     """Norms, local targets and target distances d_iy (B + C floats)."""
+    nf = row_norms(features)
+    nw = row_norms(weight)
+    yl = local_targets(labels, ignore_index, class_start, weight.shape[0])
+    d_y = 2.0 - 2.0 * target_cosines(features, weight, yl, nf, nw)
+    return SimpleNamespace(nf=nf, nw=nw, yl=yl, has=yl >= 0, d_y=d_y,
+                           zero=torch.zeros((), dtype=nf.dtype, device=features.device))
 
-    def __init__(self, features, weight, labels, ignore_index, class_start):
-        self.nf = row_norms(features)
-        self.nw = row_norms(weight)
-        self.yl = local_targets(labels, ignore_index, class_start, weight.shape[0])
-        self.has = self.yl >= 0
-        self.d_y = 2.0 - 2.0 * target_cosines(features, weight, self.yl, self.nf, self.nw)
-        self.zero = torch.zeros((), dtype=self.nf.dtype, device=features.device)
 
-    def unit_rows(self, x, norms, index):
-        """x~ rows x[index] / ||x[index]|| (index clamped at 0; masked by the caller)."""
-        idx = index.clamp(min=0)
-        return x.index_select(0, idx).to(norms.dtype) / norms[idx][:, None]
+def _unit_rows(x, norms, index):
+    """x~ rows x[index] / ||x[index]|| (index clamped at 0; masked by the caller)."""
+    idx = index.clamp(min=0)
+    return x.index_select(0, idx).to(norms.dtype) / norms[idx][:, None]
 
 
 def _partials(features, weight, rows, thr, hardest, target_only):
@@ -104,7 +105,7 @@ def _partials(features, weight, rows, thr, hardest, target_only):
     val = torch.empty((splits, B), dtype=rows.nf.dtype, device=features.device)
     idx = torch.empty((splits, B) if hardest else (1,), dtype=torch.int64,
                       device=features.device)
-    wrap_triton(_agent_partial_kernel)[(n_row_tiles, splits)](
+    launch(wrap_triton(_agent_partial_kernel), (n_row_tiles, splits),
         features, weight, rows.nf, rows.nw, rows.yl, thr, val, idx, B, C, D,
         features.stride(0), features.stride(1), weight.stride(0), weight.stride(1), per_split,
         HARDEST=hardest, TARGET_ONLY=target_only, BLOCK_M=blk.m, BLOCK_N=blk.n, BLOCK_K=blk.k,
@@ -125,7 +126,7 @@ def _empty_loss(features):
 def c_contrastive(features, weight, labels, pos_margin, neg_margin, ignore_index, class_start):
     if features.shape[0] == 0:
         return _empty_loss(features)
-    rows = AgentRows(features, weight, labels, ignore_index, class_start)
+    rows = agent_rows(features, weight, labels, ignore_index, class_start)
     thr = torch.full_like(rows.nf, float(neg_margin))
     val, _ = _partials(features, weight, rows, thr, hardest=False, target_only=False)
     target = torch.where(rows.has, _relu_nan(rows.d_y - pos_margin), rows.zero)
@@ -138,7 +139,7 @@ def c_triplet_forward(features, weight, labels, margin, hardest_only, center, ig
     if B == 0:
         return _empty_loss(features), torch.empty((0,), dtype=torch.int64,
                                                   device=features.device)
-    rows = AgentRows(features, weight, labels, ignore_index, class_start)
+    rows = agent_rows(features, weight, labels, ignore_index, class_start)
     thr = margin + rows.d_y
     if hardest_only:
         val, idx = _partials(features, weight, rows, thr, hardest=True, target_only=False)
@@ -162,7 +163,7 @@ def c_triplet_forward(features, weight, labels, margin, hardest_only, center, ig
 def center_loss(features, weight, labels, ignore_index, class_start):
     if features.shape[0] == 0:
         return _empty_loss(features)
-    rows = AgentRows(features, weight, labels, ignore_index, class_start)
+    rows = agent_rows(features, weight, labels, ignore_index, class_start)
     return torch.where(rows.has, rows.d_y, rows.zero)
 
 
@@ -174,7 +175,7 @@ def _sparse_add(rows, features, weight, gf_unit, gw_unit, coef, target):
     """Gc_ik = coef_i at one class k = target_i per row: grad f~_i += coef_i W~_k and
     grad W~_k += coef_i f~_i (rows with target < 0 or coef 0 add nothing)."""
     on = (target >= 0)[:, None]
-    w_unit = rows.unit_rows(weight, rows.nw, target)
+    w_unit = _unit_rows(weight, rows.nw, target)
     f_unit = features.to(rows.nf.dtype) / rows.nf[:, None]
     gf_unit += torch.where(on, coef[:, None] * w_unit, rows.zero)
     gw_unit.index_add_(0, target.clamp(min=0), torch.where(on, coef[:, None] * f_unit, rows.zero))
@@ -214,7 +215,7 @@ def c_contrastive_backward(grad_loss, features, weight, labels, pos_margin, neg_
                            ignore_index, class_start):
     if features.shape[0] == 0 or features.shape[1] == 0:
         return _empty_grads(features, weight)
-    rows = AgentRows(features, weight, labels, ignore_index, class_start)
+    rows = agent_rows(features, weight, labels, ignore_index, class_start)
     g = _upstream(grad_loss, rows, target_only=False)
     # Gc_ij = 2 g [neg_margin - d_ij > 0] (j != y), Gc_iy = -2 g [d_iy - pos_margin > 0].
     g_y = torch.where(rows.has & (rows.d_y - pos_margin > 0), -2.0 * g, rows.zero)
@@ -228,7 +229,7 @@ def c_triplet_backward(grad_loss, features, weight, labels, hardest, margin, har
     B, D = features.shape
     if B == 0 or D == 0:
         return _empty_grads(features, weight)
-    rows = AgentRows(features, weight, labels, ignore_index, class_start)
+    rows = agent_rows(features, weight, labels, ignore_index, class_start)
     g = _upstream(grad_loss, rows, target_only=True)
     acc = rows.nf.dtype
     thr = margin + rows.d_y
@@ -253,7 +254,7 @@ def c_triplet_backward(grad_loss, features, weight, labels, hardest, margin, har
     gf, count, _ = _tiled_backward(features, weight, rows, torch.stack([thr, 2.0 * g, zero_y]),
                                    None, MODE_TRIPLET)
     g_y = torch.where(rows.has, -2.0 * g * (count + center_term), rows.zero)
-    gf = gf + torch.where(rows.has[:, None], g_y[:, None] * rows.unit_rows(weight, rows.nw, rows.yl),
+    gf = gf + torch.where(rows.has[:, None], g_y[:, None] * _unit_rows(weight, rows.nw, rows.yl),
                           rows.zero)
     C = weight.shape[0]
     grad_w = torch.empty((C, D), dtype=weight.dtype, device=weight.device)
@@ -267,7 +268,7 @@ def center_loss_backward(grad_loss, features, weight, labels, ignore_index, clas
     B, D = features.shape
     if B == 0 or D == 0:
         return _empty_grads(features, weight)
-    rows = AgentRows(features, weight, labels, ignore_index, class_start)
+    rows = agent_rows(features, weight, labels, ignore_index, class_start)
     g = _upstream(grad_loss, rows, target_only=True)
     acc = rows.nf.dtype
     gf_unit = torch.zeros((B, D), dtype=acc, device=features.device)

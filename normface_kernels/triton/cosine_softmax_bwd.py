@@ -29,9 +29,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import config
-from .cosine_softmax_fwd import SoftmaxRows
+from .cosine_softmax_fwd import softmax_rows
 from .normalize import acc_dtype, unit_backward
-from .tiles import dot_tile, row_ids, softmax_logits, softmax_scales
+from .tiles import dot_tile, launch, row_ids, softmax_logits, softmax_scales
 
 MODE_SOFTMAX = 0
 MODE_CONTRASTIVE = 1  # Gc = 2g [thr - d > 0] off target, ty at the target
@@ -213,7 +213,7 @@ def grad_features(features, weight, nf, nw, s, yl, rp, mode, norm_f, norm_w):
     gf = torch.zeros((B, D), dtype=acc, device=features.device)
     racc = torch.zeros((B,), dtype=acc, device=features.device)
     use_filter, eps = _filter()
-    wrap_triton(_grad_features_kernel)[(n_row_tiles, splits, n_d)](
+    launch(wrap_triton(_grad_features_kernel), (n_row_tiles, splits, n_d),
         features, weight, nf, nw, s, yl, rp, gf, racc, B, C, D, features.stride(0),
         features.stride(1), weight.stride(0), weight.stride(1), per_split, eps, MODE=mode,
         NORM_F=norm_f, NORM_W=norm_w, FILTER=use_filter, BLOCK_M=blk.m, BLOCK_N=blk.n,
@@ -239,7 +239,7 @@ def grad_weight(features, weight, nf, nw, s, yl, rp, mode, norm_f, norm_w, grad_
         out = torch.empty((C, D), dtype=acc, device=features.device)
         cacc = torch.zeros((C,), dtype=acc, device=features.device)
     use_filter, eps = _filter()
-    wrap_triton(_grad_weight_kernel)[(config.cdiv(C, blk.n), n_d)](
+    launch(wrap_triton(_grad_weight_kernel), (config.cdiv(C, blk.n), n_d),
         features, weight, nf, nw, s, yl, rp, out, cacc, B, C, D, features.stride(0),
         features.stride(1), weight.stride(0), weight.stride(1), eps, MODE=mode, NORM_F=norm_f,
         NORM_W=norm_w, FUSED=fused, FILTER=use_filter, BLOCK_M=blk.m, BLOCK_N=blk.n,
@@ -261,7 +261,7 @@ def softmax_backward(grad_loss, grad_lse, features, weight, labels, scale, lse, 
     if B == 0 or D == 0:
         return grad_f.zero_(), grad_w.zero_(), torch.zeros_like(scale)
     norm_f, norm_w = bool(normalize_features), bool(normalize_weight)
-    rows = SoftmaxRows(features, weight, labels, scale, m1, m2, m3, lam, norm_f, norm_w,
+    rows = softmax_rows(features, weight, labels, scale, m1, m2, m3, lam, norm_f, norm_w,
                        ignore_index, class_start)
     acc = rows.nf.dtype
     # g_i = 0 for ignored rows (their loss is 0); e_i (the lse gradient) applies to every row.

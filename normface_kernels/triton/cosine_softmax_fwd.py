@@ -8,6 +8,7 @@ are merged exactly by _lse_merge_kernel, which also forms the loss.
 """
 
 import math
+from types import SimpleNamespace
 
 import torch
 import triton
@@ -16,7 +17,7 @@ from torch.library import wrap_triton
 
 from . import config
 from .normalize import acc_dtype, row_norms
-from .tiles import dot_tile, row_ids, softmax_logits, softmax_scales, target_cosines
+from .tiles import dot_tile, launch, row_ids, softmax_logits, softmax_scales, target_cosines
 
 _MERGE_BLOCK = 64
 
@@ -118,28 +119,24 @@ def margin_target(cos_y, m1, m2, m3, lam):
     return (lam * cos_y + psi) / (1.0 + lam), (lam + dpsi) / (1.0 + lam)
 
 
-class SoftmaxRows:
-    """Norms (B + C floats) and the per-row target data shared by forward and backward."""
-
-    def __init__(self, features, weight, labels, scale, m1, m2, m3, lam, normalize_features,
+def softmax_rows(features, weight, labels, scale, m1, m2, m3, lam, normalize_features,
                  normalize_weight, ignore_index, class_start):
-        C = weight.shape[0]
-        self.nf = row_norms(features)
-        self.nw = row_norms(weight)
-        self.yl = local_targets(labels, ignore_index, class_start, C)
-        acc = self.nf.dtype
-        self.s = scale.detach().to(device=features.device, dtype=acc).reshape(())
-        has = self.yl >= 0
-        ys = self.yl.clamp(min=0)
-        cos_y = target_cosines(features, weight, self.yl, self.nf, self.nw)
-        t, dt = margin_target(cos_y, m1, m2, m3, lam)
-        zero = torch.zeros_like(t)
-        self.t = torch.where(has, t, zero)
-        self.dt = torch.where(has, dt, zero)
-        self.a = torch.ones_like(self.nf) if normalize_features else self.nf
-        b_y = torch.ones_like(self.nf) if normalize_weight else self.nw[ys]
-        self.b_y = b_y
-        self.zy = torch.where(has, self.s * self.a * b_y * t, zero)
+    """Norms (B + C floats) and the per-row target data shared by forward and backward."""
+    C = weight.shape[0]
+    nf = row_norms(features)
+    nw = row_norms(weight)
+    yl = local_targets(labels, ignore_index, class_start, C)
+    s = scale.detach().to(device=features.device, dtype=nf.dtype).reshape(())
+    has = yl >= 0
+    cos_y = target_cosines(features, weight, yl, nf, nw)
+    t, dt = margin_target(cos_y, m1, m2, m3, lam)
+    zero = torch.zeros_like(t)
+    a = torch.ones_like(nf) if normalize_features else nf
+    b_y = torch.ones_like(nf) if normalize_weight else nw[yl.clamp(min=0)]
+    return SimpleNamespace(
+        nf=nf, nw=nw, yl=yl, s=s, a=a, b_y=b_y,
+        t=torch.where(has, t, zero), dt=torch.where(has, dt, zero),
+        zy=torch.where(has, s * a * b_y * t, zero))  # z_iy = s a_i b_y t_i
 
 
 def softmax_forward(features, weight, labels, scale, m1, m2, m3, lam, normalize_features,
@@ -151,7 +148,7 @@ def softmax_forward(features, weight, labels, scale, m1, m2, m3, lam, normalize_
     lse = torch.empty((B,), dtype=acc, device=features.device)
     if B == 0:
         return loss, lse
-    rows = SoftmaxRows(features, weight, labels, scale, m1, m2, m3, lam, normalize_features,
+    rows = softmax_rows(features, weight, labels, scale, m1, m2, m3, lam, normalize_features,
                        normalize_weight, ignore_index, class_start)
     blk = config.forward_blocks(features.dtype)
     n_row_tiles = config.cdiv(B, blk.m)
@@ -159,13 +156,13 @@ def softmax_forward(features, weight, labels, scale, m1, m2, m3, lam, normalize_
                                              features.device)
     m_part = torch.empty((splits, B), dtype=acc, device=features.device)
     l_part = torch.empty((splits, B), dtype=acc, device=features.device)
-    wrap_triton(_lse_partial_kernel)[(n_row_tiles, splits)](
+    launch(wrap_triton(_lse_partial_kernel), (n_row_tiles, splits),
         features, weight, rows.nf, rows.nw, rows.s, rows.yl, rows.zy, m_part, l_part,
         B, C, D, features.stride(0), features.stride(1), weight.stride(0), weight.stride(1),
         per_split, NORM_F=bool(normalize_features), NORM_W=bool(normalize_weight),
         BLOCK_M=blk.m, BLOCK_N=blk.n, BLOCK_K=blk.k,
         PRECISION=config.dot_precision(features.dtype, features.device),
         num_warps=blk.num_warps, num_stages=blk.num_stages)
-    wrap_triton(_lse_merge_kernel)[(config.cdiv(B, _MERGE_BLOCK),)](
+    launch(wrap_triton(_lse_merge_kernel), (config.cdiv(B, _MERGE_BLOCK),),
         m_part, l_part, rows.yl, rows.zy, loss, lse, B, splits, BLOCK=_MERGE_BLOCK)
     return loss, lse

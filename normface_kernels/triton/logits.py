@@ -12,7 +12,7 @@ from torch.library import wrap_triton
 
 from . import config
 from .normalize import acc_dtype, row_norms, unit_backward
-from .tiles import dot_tile, row_ids
+from .tiles import dot_tile, launch, row_ids
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def cosine_logits(features, weight, scale, eps):
     nw = row_norms(weight, eps)
     s = scale.detach().to(device=features.device, dtype=nf.dtype).reshape(())
     blk = config.forward_blocks(features.dtype)
-    wrap_triton(_cosine_logits_kernel)[(config.cdiv(B, blk.m), config.cdiv(C, blk.n))](
+    launch(wrap_triton(_cosine_logits_kernel), (config.cdiv(B, blk.m), config.cdiv(C, blk.n)),
         features, weight, nf, nw, s, out, B, C, D, features.stride(0), features.stride(1),
         weight.stride(0), weight.stride(1), BLOCK_M=blk.m, BLOCK_N=blk.n, BLOCK_K=blk.k,
         PRECISION=config.dot_precision(features.dtype, features.device),

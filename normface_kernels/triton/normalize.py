@@ -12,7 +12,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import config
-from .tiles import row_ids
+from .tiles import launch, row_ids
 
 _BLOCK_R = 16
 _BLOCK_D = 64
@@ -98,7 +98,7 @@ def row_norms(x, eps=1e-12):
     R, D = x.shape
     norm = torch.empty((R,), dtype=acc_dtype(x.dtype), device=x.device)
     if R > 0:
-        wrap_triton(_row_norm_kernel)[(config.cdiv(R, _BLOCK_R),)](
+        launch(wrap_triton(_row_norm_kernel), (config.cdiv(R, _BLOCK_R),),
             x, norm, R, D, x.stride(0), x.stride(1), eps, BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D)
     return norm
 
@@ -113,7 +113,7 @@ def l2_normalize(x, eps):
     out = torch.empty_like(x)
     R, D = _rows(x)
     if R > 0 and D > 0:
-        wrap_triton(_l2_normalize_kernel)[(config.cdiv(R, _BLOCK_R),)](
+        launch(wrap_triton(_l2_normalize_kernel), (config.cdiv(R, _BLOCK_R),),
             x, out, R, D, eps, ACC=_tl_acc(x.dtype), BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D)
     return out
 
@@ -125,7 +125,7 @@ def unit_backward(grad_unit, x2d, eps=1e-12, extra=None, out=None):
     if out is None:
         out = torch.empty((R, D), dtype=x2d.dtype, device=x2d.device)
     if R > 0 and D > 0:
-        wrap_triton(_unit_backward_kernel)[(config.cdiv(R, _BLOCK_R),)](
+        launch(wrap_triton(_unit_backward_kernel), (config.cdiv(R, _BLOCK_R),),
             x2d, grad_unit, extra if extra is not None else grad_unit, out, R, D,
             x2d.stride(0), x2d.stride(1), eps, HAS_EXTRA=extra is not None,
             ACC=_tl_acc(x2d.dtype), BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D)

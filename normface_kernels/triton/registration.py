@@ -10,9 +10,27 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op
 
-from . import agents, logits, normalize
+from . import config
+from .agents import (c_contrastive, c_contrastive_backward, c_triplet_backward,
+                     c_triplet_forward, center_loss, center_loss_backward)
 from .cosine_softmax_bwd import softmax_backward
 from .cosine_softmax_fwd import softmax_forward
+from .logits import cosine_logits, cosine_logits_backward
+from .normalize import l2_normalize, l2_normalize_backward
+
+
+def _define(name, schema):
+    """torch.library.triton_op: torch.compile traces into the body and sees the kernels. Under
+    TRITON_INTERPRET=1 the kernels are plain Python functions that cannot be traced, so the op is
+    an opaque custom op there instead (same body, also its fake kernel: launch() skips the
+    kernels on fake tensors)."""
+    def register(fn):
+        if config.INTERPRET:
+            op = torch.library.custom_op(name, fn, mutates_args=(), schema=schema)
+            op.register_fake(fn)
+            return op
+        return triton_op(name, fn, mutates_args=(), schema=schema)
+    return register
 
 
 def _tracing(*tensors):
@@ -84,21 +102,21 @@ def _check_per_sample(name, t, features):
 # l2_normalize (paper eq. 3 / 4)
 # ---------------------------------------------------------------------------------------------
 
-@triton_op("normface::triton_l2_normalize", mutates_args=(),
-           schema="(Tensor x, float eps=1e-12) -> Tensor")
+@_define("normface::triton_l2_normalize",
+         "(Tensor x, float eps=1e-12) -> Tensor")
 def triton_l2_normalize(x, eps=1e-12):
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating tensor, got {x.dtype}")
-    return normalize.l2_normalize(x, eps)
+    return l2_normalize(x, eps)
 
 
-@triton_op("normface::triton_l2_normalize_backward", mutates_args=(),
-           schema="(Tensor grad, Tensor x, float eps) -> Tensor")
+@_define("normface::triton_l2_normalize_backward",
+         "(Tensor grad, Tensor x, float eps) -> Tensor")
 def triton_l2_normalize_backward(grad, x, eps):
     if grad.shape != x.shape:
         raise ValueError(f"grad must have the shape of x {tuple(x.shape)}, got "
                          f"{tuple(grad.shape)}")
-    return normalize.l2_normalize_backward(grad, x, eps)
+    return l2_normalize_backward(grad, x, eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,19 +134,19 @@ def _check_logits(features, weight, scale):
         raise ValueError(f"scale must be a 0-dim tensor, got shape {tuple(scale.shape)}")
 
 
-@triton_op("normface::triton_cosine_logits", mutates_args=(),
-           schema="(Tensor features, Tensor weight, Tensor scale, float eps=1e-12) -> Tensor")
+@_define("normface::triton_cosine_logits",
+         "(Tensor features, Tensor weight, Tensor scale, float eps=1e-12) -> Tensor")
 def triton_cosine_logits(features, weight, scale, eps=1e-12):
     _check_logits(features, weight, scale)
-    return logits.cosine_logits(features, weight, scale, eps)
+    return cosine_logits(features, weight, scale, eps)
 
 
-@triton_op("normface::triton_cosine_logits_backward", mutates_args=(),
-           schema="(Tensor grad, Tensor features, Tensor weight, Tensor scale, float eps) "
+@_define("normface::triton_cosine_logits_backward",
+         "(Tensor grad, Tensor features, Tensor weight, Tensor scale, float eps) "
                   "-> (Tensor, Tensor, Tensor)")
 def triton_cosine_logits_backward(grad, features, weight, scale, eps):
     _check_logits(features, weight, scale)
-    return logits.cosine_logits_backward(grad, features, weight, scale, eps)
+    return cosine_logits_backward(grad, features, weight, scale, eps)
 
 
 def _setup_logits(ctx, inputs, output):
@@ -154,8 +172,8 @@ torch.library.register_autograd("normface::triton_cosine_logits", _backward_logi
 # cosine_softmax (SPEC "one formula for the whole family")
 # ---------------------------------------------------------------------------------------------
 
-@triton_op("normface::triton_cosine_softmax_forward", mutates_args=(),
-           schema="(Tensor features, Tensor weight, Tensor labels, Tensor scale, float m1, "
+@_define("normface::triton_cosine_softmax_forward",
+         "(Tensor features, Tensor weight, Tensor labels, Tensor scale, float m1, "
                   "float m2, float m3, float lam, bool normalize_features, "
                   "bool normalize_weight, int ignore_index, int class_start, int num_classes) "
                   "-> (Tensor, Tensor)")
@@ -167,8 +185,8 @@ def triton_cosine_softmax_forward(features, weight, labels, scale, m1, m2, m3, l
                            normalize_weight, ignore_index, class_start)
 
 
-@triton_op("normface::triton_cosine_softmax_backward", mutates_args=(),
-           schema="(Tensor grad_loss, Tensor grad_lse, Tensor features, Tensor weight, "
+@_define("normface::triton_cosine_softmax_backward",
+         "(Tensor grad_loss, Tensor grad_lse, Tensor features, Tensor weight, "
                   "Tensor labels, Tensor scale, Tensor lse, float m1, float m2, float m3, "
                   "float lam, bool normalize_features, bool normalize_weight, int ignore_index, "
                   "int class_start, int num_classes) -> (Tensor, Tensor, Tensor)")
@@ -187,42 +205,42 @@ def triton_cosine_softmax_backward(grad_loss, grad_lse, features, weight, labels
 # Agent losses (paper section 4)
 # ---------------------------------------------------------------------------------------------
 
-@triton_op("normface::triton_c_contrastive", mutates_args=(),
-           schema="(Tensor features, Tensor weight, Tensor labels, float pos_margin=0.0, "
+@_define("normface::triton_c_contrastive",
+         "(Tensor features, Tensor weight, Tensor labels, float pos_margin=0.0, "
                   "float neg_margin=1.0, int ignore_index=-100, int class_start=0, "
                   "int num_classes=-1) -> Tensor")
 def triton_c_contrastive(features, weight, labels, pos_margin=0.0, neg_margin=1.0,
                          ignore_index=-100, class_start=0, num_classes=-1):
     _check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes)
-    return agents.c_contrastive(features, weight, labels, pos_margin, neg_margin, ignore_index,
+    return c_contrastive(features, weight, labels, pos_margin, neg_margin, ignore_index,
                                 class_start)
 
 
-@triton_op("normface::triton_c_contrastive_backward", mutates_args=(),
-           schema="(Tensor grad_loss, Tensor features, Tensor weight, Tensor labels, "
+@_define("normface::triton_c_contrastive_backward",
+         "(Tensor grad_loss, Tensor features, Tensor weight, Tensor labels, "
                   "float pos_margin, float neg_margin, int ignore_index, int class_start, "
                   "int num_classes) -> (Tensor, Tensor)")
 def triton_c_contrastive_backward(grad_loss, features, weight, labels, pos_margin, neg_margin,
                                   ignore_index, class_start, num_classes):
     _check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes)
     _check_per_sample("grad_loss", grad_loss, features)
-    return agents.c_contrastive_backward(grad_loss, features, weight, labels, pos_margin,
+    return c_contrastive_backward(grad_loss, features, weight, labels, pos_margin,
                                          neg_margin, ignore_index, class_start)
 
 
-@triton_op("normface::triton_c_triplet_forward", mutates_args=(),
-           schema="(Tensor features, Tensor weight, Tensor labels, float margin, "
+@_define("normface::triton_c_triplet_forward",
+         "(Tensor features, Tensor weight, Tensor labels, float margin, "
                   "bool hardest_only, bool center, int ignore_index, int class_start, "
                   "int num_classes) -> (Tensor, Tensor)")
 def triton_c_triplet_forward(features, weight, labels, margin, hardest_only, center,
                              ignore_index, class_start, num_classes):
     _check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes)
-    return agents.c_triplet_forward(features, weight, labels, margin, hardest_only, center,
+    return c_triplet_forward(features, weight, labels, margin, hardest_only, center,
                                     ignore_index, class_start)
 
 
-@triton_op("normface::triton_c_triplet_backward", mutates_args=(),
-           schema="(Tensor grad_loss, Tensor features, Tensor weight, Tensor labels, "
+@_define("normface::triton_c_triplet_backward",
+         "(Tensor grad_loss, Tensor features, Tensor weight, Tensor labels, "
                   "Tensor hardest, float margin, bool hardest_only, bool center, "
                   "int ignore_index, int class_start, int num_classes) -> (Tensor, Tensor)")
 def triton_c_triplet_backward(grad_loss, features, weight, labels, hardest, margin,
@@ -237,25 +255,25 @@ def triton_c_triplet_backward(grad_loss, features, weight, labels, hardest, marg
             C = weight.shape[0]
             if bool(((hardest < -1) | (hardest >= C)).any()):
                 raise ValueError(f"hardest must be in [-1, {C}), got values outside")
-    return agents.c_triplet_backward(grad_loss, features, weight, labels, hardest, margin,
+    return c_triplet_backward(grad_loss, features, weight, labels, hardest, margin,
                                      hardest_only, center, ignore_index, class_start)
 
 
-@triton_op("normface::triton_center_loss", mutates_args=(),
-           schema="(Tensor features, Tensor weight, Tensor labels, int ignore_index=-100, "
+@_define("normface::triton_center_loss",
+         "(Tensor features, Tensor weight, Tensor labels, int ignore_index=-100, "
                   "int class_start=0, int num_classes=-1) -> Tensor")
 def triton_center_loss(features, weight, labels, ignore_index=-100, class_start=0,
                        num_classes=-1):
     _check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes)
-    return agents.center_loss(features, weight, labels, ignore_index, class_start)
+    return center_loss(features, weight, labels, ignore_index, class_start)
 
 
-@triton_op("normface::triton_center_loss_backward", mutates_args=(),
-           schema="(Tensor grad_loss, Tensor features, Tensor weight, Tensor labels, "
+@_define("normface::triton_center_loss_backward",
+         "(Tensor grad_loss, Tensor features, Tensor weight, Tensor labels, "
                   "int ignore_index, int class_start, int num_classes) -> (Tensor, Tensor)")
 def triton_center_loss_backward(grad_loss, features, weight, labels, ignore_index, class_start,
                                 num_classes):
     _check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes)
     _check_per_sample("grad_loss", grad_loss, features)
-    return agents.center_loss_backward(grad_loss, features, weight, labels, ignore_index,
+    return center_loss_backward(grad_loss, features, weight, labels, ignore_index,
                                        class_start)

@@ -9,9 +9,20 @@ Offsets are int64 throughout (row/column ids are widened before they meet a stri
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from . import config
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """kernel = wrap_triton(_x_kernel) (kept literal at the call sites, where torch.library finds
+    the kernels for its compile cache key). Under TRITON_INTERPRET=1 the kernel is a plain Python
+    function that cannot see fake tensors: the launch is skipped while tracing (the outputs are
+    allocated by the caller, which is all a fake kernel has to do)."""
+    if config.INTERPRET and any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+        return
+    kernel[grid](*args, **kwargs)
 
 
 @triton.jit
@@ -98,7 +109,7 @@ def target_cosines(features, weight, targets, nf, nw):
     B, D = features.shape
     out = torch.empty((B,), dtype=nf.dtype, device=features.device)
     if B > 0:
-        wrap_triton(_target_cos_kernel)[(config.cdiv(B, 16),)](
+        launch(wrap_triton(_target_cos_kernel), (config.cdiv(B, 16),),
             features, weight, targets, nf, nw, out, B, D, features.stride(0), features.stride(1),
             weight.stride(0), weight.stride(1), BLOCK_R=16, BLOCK_D=64)
     return out
