@@ -15,6 +15,14 @@
 //                          grad_W~ = (Gc/||f||)^T @ f. With one B split the block owns its
 //                          classes and applies eq. 4 itself, writing grad_W in the input dtype.
 // A loss plugs in as an "epilogue" class (see cosine_softmax.cu and normalize_and_agents.cu).
+//
+// Tiles are 64 x 64, 256 threads. Operand chunks (128 bytes of D per row) are copied with
+// cp.async, double buffered, when D is a multiple of 16 bytes (plain loads otherwise). The
+// gradient products use the Gc tile in bf16 (also for fp16 inputs: see WmmaEngine) or fp32.
+// Extra memory per call: norms and target cosines (2B + C floats), the (splits, B) partial
+// states of the forward, a (B, D) fp32 buffer for grad_f~, and a (C, D) fp32 buffer for grad_W~
+// only when the weight kernel cannot own whole rows of grad_W (few class tiles, or D wider than
+// the shared-memory accumulator).
 #pragma once
 
 #include <ATen/ATen.h>
