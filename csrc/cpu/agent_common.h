@@ -21,11 +21,13 @@ struct AgentSetup {
   std::vector<acc_t> d_y;     // d_iy = 2 - 2 cos_iy where the target is local, else 0
   LocalLabels labels;
   int64_t B, C, D;
+  ClassSplit split;  // class blocks and workers of the dense walk
 
   AgentSetup(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels_in,
              int64_t ignore_index, int64_t class_start)
       : f(features.contiguous()), w(weight.contiguous()),
-        B(features.size(0)), C(weight.size(0)), D(features.size(1)) {
+        B(features.size(0)), C(weight.size(0)), D(features.size(1)),
+        split(features.size(0), weight.size(0)) {
     labels = local_labels(labels_in, ignore_index, class_start, C);
     unit_f = unit_rows<scalar_t>(f, norm_f);
     std::vector<acc_t> nw(C);
@@ -48,25 +50,21 @@ struct AgentSetup {
   }
 };
 
-// Walks the class blocks: tile = f~ W_block^T (BLAS), then row_fn(i, j0, n, row) for every row in
-// parallel (row holds <f~_i, W_j> for the block and may be overwritten), then
-// block_fn(j0, n, tile, wb) once per block (wb: the block of W in the acc dtype).
+// Walks the class blocks (cpu_common.h ClassSplit): for each block, on the worker t that owns it,
+// tile = f~ W_block^T (BLAS), then row_fn(t, i, j0, n, row) for every row (row holds <f~_i, W_j>
+// and may be overwritten), then block_fn(t, j0, n, tile, wb) (wb: the acc-dtype block of W).
+// Per-row state must be kept per worker (t * B + i) and merged in worker (= class) order.
 template <typename scalar_t, typename RowFn, typename BlockFn>
 void walk_class_blocks(const AgentSetup<scalar_t>& st, RowFn&& row_fn, BlockFn&& block_fn) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t block = class_block(st.B, st.C);
-  at::Tensor tile_buf = at::empty({st.B * block}, st.unit_f.options()), w_buf;
-  for (int64_t j0 = 0; j0 < st.C; j0 += block) {
-    const int64_t n = std::min(block, st.C - j0);
-    const at::Tensor wb = weight_block(st.w, j0, n, w_buf);
-    at::Tensor tile = scratch_view(tile_buf, st.B, n);
-    at::mm_out(tile, st.unit_f, wb.t());
+  std::vector<TileScratch> scratch(st.split.workers);
+  parallel_class_blocks(st.split, st.C, [&](int64_t t, int64_t j0, int64_t n) {
+    at::Tensor wb;
+    at::Tensor tile = cosine_tile(st.unit_f, st.w, j0, n, scratch[t], wb);
     acc_t* tp = tile.template data_ptr<acc_t>();
-    at::parallel_for(0, st.B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) row_fn(i, j0, n, tp + i * n);
-    });
-    block_fn(j0, n, tile, wb);
-  }
+    for (int64_t i = 0; i < st.B; ++i) row_fn(t, i, j0, n, tp + i * n);
+    block_fn(t, j0, n, tile, wb);
+  });
 }
 
 // Gradient accumulator of an agent loss backward (see the file comment).
@@ -74,7 +72,8 @@ template <typename scalar_t>
 struct AgentGrads {
   using acc_t = at::opmath_type<scalar_t>;
   const AgentSetup<scalar_t>& st;
-  at::Tensor grad_unit_f;            // (B, D) acc: sum_j Gc_ij W~_j
+  at::Tensor grad_unit_f;            // (B, D) acc: sum_j Gc_ij W~_j (sparse terms, worker 0)
+  std::vector<at::Tensor> grad_unit_part;  // the dense terms of workers 1.. (summed in finish)
   at::Tensor grad_w;                 // (C, D) output, input dtype
   std::vector<int64_t> slot;         // (C,) compact slot of a held row, or -1
   std::vector<int64_t> held_class;   // slot -> class
@@ -84,7 +83,7 @@ struct AgentGrads {
   // Without a dense pass the rows no term touches have a zero gradient.
   AgentGrads(const AgentSetup<scalar_t>& setup, const std::vector<int64_t>& sparse_classes,
              bool dense)
-      : st(setup), slot(setup.C, -1) {
+      : st(setup), grad_unit_part(setup.split.workers), slot(setup.C, -1) {
     grad_unit_f = at::zeros({st.B, st.D}, st.unit_f.options());
     grad_w = dense ? at::empty({st.C, st.D}, st.w.options()) : at::zeros({st.C, st.D}, st.w.options());
     for (int64_t j : sparse_classes) {
@@ -95,27 +94,28 @@ struct AgentGrads {
     held = at::zeros({static_cast<int64_t>(held_class.size()), st.D}, st.unit_f.options());
   }
 
-  // A dense block whose tile holds P = Gc / ||W_j|| (kernels.md): grad f~ += P @ W_block,
-  // grad W~ / ||W|| = P^T @ f~. Rows without sparse terms are finished here, the others held.
-  void add_dense_block(int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
-    grad_unit_f.addmm_(p, wb);
+  // A dense block of worker t whose tile holds P = Gc / ||W_j|| (kernels.md):
+  // grad f~ += P @ W_block, grad W~ / ||W|| = P^T @ f~. Rows without sparse terms are finished
+  // here (each class belongs to one worker), the others held.
+  void add_dense_block(int64_t t, int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
+    at::Tensor& part = t == 0 ? grad_unit_f : grad_unit_part[t];
+    if (!part.defined()) part = at::zeros({st.B, st.D}, st.unit_f.options());
+    part.addmm_(p, wb);
     const at::Tensor q = at::mm(p.t(), st.unit_f);  // (n, D)
     const acc_t* qp = q.template data_ptr<acc_t>();
     const acc_t* wbp = wb.template data_ptr<acc_t>();
     acc_t* hp = held.template data_ptr<acc_t>();
     scalar_t* gw = grad_w.template data_ptr<scalar_t>();
     const int64_t D = st.D;
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        const int64_t u = slot[j0 + j];
-        if (u >= 0) {
-          std::copy(qp + j * D, qp + (j + 1) * D, hp + u * D);
-        } else {
-          normalize_backward_row(wbp + j * D, st.inv_nw[j0 + j], qp + j * D, acc_t(1), acc_t(0),
-                                 D, gw + (j0 + j) * D);
-        }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t u = slot[j0 + j];
+      if (u >= 0) {
+        std::copy(qp + j * D, qp + (j + 1) * D, hp + u * D);
+      } else {
+        normalize_backward_row(wbp + j * D, st.inv_nw[j0 + j], qp + j * D, acc_t(1), acc_t(0), D,
+                               gw + (j0 + j) * D);
       }
-    });
+    }
   }
 
   // One sparse term Gc_ij (dL/dcos_ij): grad f~_i += Gc W~_j and grad W~_j += Gc f~_i. Serial
@@ -137,6 +137,9 @@ struct AgentGrads {
   // Held rows and the features go through the normalization backward (eq. 4).
   std::tuple<at::Tensor, at::Tensor> finish() {
     const int64_t D = st.D;
+    for (const at::Tensor& part : grad_unit_part) {
+      if (part.defined()) grad_unit_f.add_(part);
+    }
     const acc_t* hp = held.template data_ptr<acc_t>();
     const scalar_t* wp = st.w.template data_ptr<scalar_t>();
     scalar_t* gw = grad_w.template data_ptr<scalar_t>();

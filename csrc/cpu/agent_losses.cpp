@@ -100,18 +100,22 @@ at::Tensor contrastive_forward(const at::Tensor& features, const at::Tensor& wei
   if (features.size(0) == 0) return loss;
   AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start);
   const acc_t neg = static_cast<acc_t>(neg_margin), pos = static_cast<acc_t>(pos_margin);
-  std::vector<acc_t> sum(st.B, 0);
-  walk_class_blocks(st, [&](int64_t i, int64_t j0, int64_t n, acc_t* row) {
+  const int64_t B = st.B, T = st.split.workers;
+  std::vector<acc_t> part(T * B, 0);  // per worker: sum of its negatives' hinges
+  walk_class_blocks(st, [&](int64_t t, int64_t i, int64_t j0, int64_t n, acc_t* row) {
     if (st.labels.ignored[i]) return;
-    sum[i] += contrastive_row_loss(row, n, st.labels.target[i] - j0, st.inv_nw.data() + j0, neg);
-  }, [](int64_t, int64_t, const at::Tensor&, const at::Tensor&) {});
+    part[t * B + i] +=
+        contrastive_row_loss(row, n, st.labels.target[i] - j0, st.inv_nw.data() + j0, neg);
+  }, [](int64_t, int64_t, int64_t, const at::Tensor&, const at::Tensor&) {});
   acc_t* lp = loss.data_ptr<acc_t>();
-  for (int64_t i = 0; i < st.B; ++i) {
+  for (int64_t i = 0; i < B; ++i) {
     if (st.labels.ignored[i]) {
       lp[i] = 0;
       continue;
     }
-    lp[i] = sum[i] + (st.labels.target[i] >= 0 ? relu_nan(st.d_y[i] - pos) : acc_t(0));
+    acc_t sum = st.labels.target[i] >= 0 ? relu_nan(st.d_y[i] - pos) : acc_t(0);
+    for (int64_t t = 0; t < T; ++t) sum += part[t * B + i];
+    lp[i] = sum;
   }
   return loss;
 }
@@ -127,11 +131,11 @@ std::tuple<at::Tensor, at::Tensor> contrastive_backward(
   const std::vector<acc_t> g = upstream(grad_loss, st);
   const acc_t neg = static_cast<acc_t>(neg_margin), pos = static_cast<acc_t>(pos_margin);
   AgentGrads<scalar_t> grads(st, st.labels.target, /*dense=*/true);
-  walk_class_blocks(st, [&](int64_t i, int64_t j0, int64_t n, acc_t* row) {
+  walk_class_blocks(st, [&](int64_t, int64_t i, int64_t j0, int64_t n, acc_t* row) {
     contrastive_row_grad(row, n, st.labels.target[i] - j0, st.inv_nw.data() + j0, neg,
                          acc_t(2) * g[i]);
-  }, [&](int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
-    grads.add_dense_block(j0, n, p, wb);
+  }, [&](int64_t t, int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
+    grads.add_dense_block(t, j0, n, p, wb);
   });
   for (int64_t i = 0; i < st.B; ++i) {
     const int64_t y = st.labels.target[i];
@@ -154,17 +158,18 @@ std::tuple<at::Tensor, at::Tensor> triplet_forward(const at::Tensor& features,
   if (features.size(0) == 0) return {loss, hardest};
   AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start);
   const acc_t margin = static_cast<acc_t>(margin_in);
-  // hardest_only: running (min d, first index) per row; NaN wins as in torch.argmin.
-  // all: running sum of hinges.
-  std::vector<acc_t> acc(st.B, hardest_only ? std::numeric_limits<acc_t>::infinity() : acc_t(0));
-  int64_t* hp = hardest.data_ptr<int64_t>();
-  walk_class_blocks(st, [&](int64_t i, int64_t j0, int64_t n, acc_t* row) {
+  // Per worker and row: hardest_only keeps the running (min d, first index), NaN winning as in
+  // torch.argmin; otherwise the running sum of hinges.
+  const int64_t B = st.B, T = st.split.workers;
+  std::vector<acc_t> part(T * B, hardest_only ? std::numeric_limits<acc_t>::infinity() : acc_t(0));
+  std::vector<int64_t> part_idx(hardest_only ? T * B : 0, -1);
+  walk_class_blocks(st, [&](int64_t t, int64_t i, int64_t j0, int64_t n, acc_t* row) {
     if (st.labels.ignored[i]) return;
     const int64_t y = st.labels.target[i] - j0;
     const acc_t* inv_nw = st.inv_nw.data() + j0;
     if (hardest_only) {
-      acc_t best = acc[i];
-      int64_t best_j = hp[i];
+      acc_t best = part[t * B + i];
+      int64_t best_j = part_idx[t * B + i];
       for (int64_t j = 0; j < n; ++j) {
         const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
         // Strict < keeps the first of equal distances; a NaN replaces any non-NaN best once.
@@ -173,21 +178,41 @@ std::tuple<at::Tensor, at::Tensor> triplet_forward(const at::Tensor& features,
           best_j = j0 + j;
         }
       }
-      acc[i] = best;
-      hp[i] = best_j;
+      part[t * B + i] = best;
+      part_idx[t * B + i] = best_j;
     } else {
       if (st.labels.target[i] < 0) return;  // target elsewhere: no d_iy, loss 0
-      acc[i] += triplet_row_loss(row, n, y, inv_nw, margin + st.d_y[i]);
+      part[t * B + i] += triplet_row_loss(row, n, y, inv_nw, margin + st.d_y[i]);
     }
-  }, [](int64_t, int64_t, const at::Tensor&, const at::Tensor&) {});
+  }, [](int64_t, int64_t, int64_t, const at::Tensor&, const at::Tensor&) {});
   acc_t* lp = loss.data_ptr<acc_t>();
-  for (int64_t i = 0; i < st.B; ++i) {
-    if (st.labels.ignored[i] || st.labels.target[i] < 0) {
+  int64_t* hp = hardest.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    if (st.labels.ignored[i]) {
+      lp[i] = 0;
+      continue;
+    }
+    acc_t v = part[i];
+    if (hardest_only) {
+      // Workers hold increasing class ranges: merging in order keeps the first index.
+      int64_t k = part_idx[i];
+      for (int64_t t = 1; t < T; ++t) {
+        const acc_t d = part[t * B + i];
+        if (part_idx[t * B + i] >= 0 && (d < v || (d != d && v == v))) {
+          v = d;
+          k = part_idx[t * B + i];
+        }
+      }
+      hp[i] = k;
+    } else {
+      for (int64_t t = 1; t < T; ++t) v += part[t * B + i];
+    }
+    if (st.labels.target[i] < 0) {
       lp[i] = 0;
       continue;
     }
     // No negative (C = 1): min over nothing is +inf, the hinge is relu(-inf) = 0.
-    const acc_t l = hardest_only ? relu_nan(margin + st.d_y[i] - acc[i]) : acc[i];
+    const acc_t l = hardest_only ? relu_nan(margin + st.d_y[i] - v) : v;
     lp[i] = center ? l + st.d_y[i] : l;
   }
   return {loss, hardest};
@@ -206,21 +231,26 @@ std::tuple<at::Tensor, at::Tensor> triplet_backward(
   std::vector<int64_t> sparse(st.labels.target);
   if (!hardest_only) {
     // Gc_ik = 2 g [margin + d_iy - d_ik > 0]; Gc_iy = -2 g (#active + center) once all are counted.
-    std::vector<acc_t> active(st.B, 0);
+    const int64_t B = st.B, T = st.split.workers;
+    std::vector<acc_t> active(T * B, 0);  // per worker and row: active hinges
     AgentGrads<scalar_t> grads(st, sparse, /*dense=*/true);
-    walk_class_blocks(st, [&](int64_t i, int64_t j0, int64_t n, acc_t* row) {
+    walk_class_blocks(st, [&](int64_t t, int64_t i, int64_t j0, int64_t n, acc_t* row) {
       if (st.labels.target[i] < 0) {  // target elsewhere or ignored: loss 0, no gradient
         std::fill(row, row + n, acc_t(0));
         return;
       }
-      active[i] += triplet_row_grad(row, n, st.labels.target[i] - j0, st.inv_nw.data() + j0,
-                                    margin + st.d_y[i], acc_t(2) * g[i]);
-    }, [&](int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
-      grads.add_dense_block(j0, n, p, wb);
+      active[t * B + i] += triplet_row_grad(row, n, st.labels.target[i] - j0,
+                                            st.inv_nw.data() + j0, margin + st.d_y[i],
+                                            acc_t(2) * g[i]);
+    }, [&](int64_t t, int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
+      grads.add_dense_block(t, j0, n, p, wb);
     });
-    for (int64_t i = 0; i < st.B; ++i) {
+    for (int64_t i = 0; i < B; ++i) {
       const int64_t y = st.labels.target[i];
-      if (y >= 0) grads.add_sparse(i, y, acc_t(-2) * g[i] * (active[i] + (center ? 1 : 0)));
+      if (y < 0) continue;
+      acc_t count = center ? acc_t(1) : acc_t(0);
+      for (int64_t t = 0; t < T; ++t) count += active[t * B + i];
+      grads.add_sparse(i, y, acc_t(-2) * g[i] * count);
     }
     return grads.finish();
   }

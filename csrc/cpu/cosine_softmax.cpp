@@ -146,24 +146,29 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& features,
   if (B == 0) return {loss, lse};
   Setup<scalar_t> st(features, weight, labels, scale, mg, ignore_index, class_start);
 
-  // Running (max, sum) of the online logsumexp, one pair per row.
-  std::vector<acc_t> run_max(B, -std::numeric_limits<acc_t>::infinity()), run_sum(B, 0);
-  const int64_t block = class_block(B, C);
-  at::Tensor tile_buf = at::empty({B * block}, acc_opts), w_buf;
-  for (int64_t j0 = 0; j0 < C; j0 += block) {
-    const int64_t n = std::min(block, C - j0);
-    const at::Tensor wb = weight_block(st.w, j0, n, w_buf);
-    at::Tensor tile = scratch_view(tile_buf, B, n);
-    at::mm_out(tile, st.unit_f, wb.t());  // <f~_i, W_j>, BLAS
-    acc_t* tp = tile.data_ptr<acc_t>();
-    const acc_t* col = st.col.data() + j0;
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        // y in [0, n) iff the target is in this block.
-        forward_row(tp + i * n, n, st.labels.target[i] - j0, st.s * st.a[i], st.z_y[i], col,
-                    &run_max[i], &run_sum[i]);
-      }
-    });
+  // Each worker keeps a running (max, sum) of the online logsumexp per row over its own classes;
+  // the partial pairs merge with the same formula (kernels.md).
+  const ClassSplit sp(B, C);
+  const int64_t T = sp.workers;
+  std::vector<acc_t> part_max(T * B, -std::numeric_limits<acc_t>::infinity()), part_sum(T * B, 0);
+  std::vector<TileScratch> scratch(T);
+  parallel_class_blocks(sp, C, [&](int64_t t, int64_t j0, int64_t n) {
+    at::Tensor wb;
+    acc_t* tp = cosine_tile(st.unit_f, st.w, j0, n, scratch[t], wb).template data_ptr<acc_t>();
+    for (int64_t i = 0; i < B; ++i) {
+      // The target column is local to the block iff 0 <= y - j0 < n.
+      forward_row(tp + i * n, n, st.labels.target[i] - j0, st.s * st.a[i], st.z_y[i],
+                  st.col.data() + j0, &part_max[t * B + i], &part_sum[t * B + i]);
+    }
+  });
+  std::vector<acc_t> run_max(B), run_sum(B, 0);
+  for (int64_t i = 0; i < B; ++i) {
+    acc_t m = part_max[i];
+    for (int64_t t = 1; t < T; ++t) m = max_nan(m, part_max[t * B + i]);
+    acc_t l = 0;
+    for (int64_t t = 0; t < T; ++t) l += part_sum[t * B + i] * exp_vec(part_max[t * B + i] - m);
+    run_max[i] = m;
+    run_sum[i] = l;
   }
   acc_t* lp = loss.data_ptr<acc_t>();
   acc_t* ep = lse.data_ptr<acc_t>();
@@ -203,53 +208,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   std::vector<acc_t> g(B);  // g_i = 0 for ignored rows (kernels.md)
   for (int64_t i = 0; i < B; ++i) g[i] = st.labels.ignored[i] ? acc_t(0) : gl[i];
 
-  // sum_j G_ij b_j h_ij per row: gives grad_s (times a_i) and grad_a_i (times s).
-  std::vector<acc_t> row_acc(B, 0);
-  at::Tensor grad_unit_f = at::zeros({B, D}, acc_opts);  // sum_j Gc_ij W~_j
-  const int64_t block = class_block(B, C);
-  // Rows are split into `chunks` fixed ranges; column sums for grad_b (only when ||W_j|| multiplies
-  // the logits) get one slice per chunk, so no two threads add into the same slice.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads()));
-  std::vector<acc_t> col_acc(mg.normalize_weight ? 0 : static_cast<size_t>(chunks * block));
-  at::Tensor tile_buf = at::empty({B * block}, acc_opts), w_buf;
-  at::Tensor q_buf = at::empty({block * D}, acc_opts);
+  // Per worker: sum_j G_ij b_j h_ij per row (gives grad_s times a_i and grad_a_i times s), the
+  // partial grad f~ = sum_j Gc_ij W~_j over its classes, and column sums for grad_b (only when
+  // ||W_j|| multiplies the logits). Rows of grad_w are written by the worker owning the class.
+  const ClassSplit sp(B, C);
+  const int64_t T = sp.workers;
+  std::vector<acc_t> row_part(T * B, 0);
+  std::vector<at::Tensor> grad_unit_part(T);
+  std::vector<std::vector<acc_t>> col_acc(T);
+  std::vector<TileScratch> scratch(T);
+  std::vector<at::Tensor> q_buf(T);
   scalar_t* gw = grad_w.data_ptr<scalar_t>();
-  for (int64_t j0 = 0; j0 < C; j0 += block) {
-    const int64_t n = std::min(block, C - j0);
-    const at::Tensor wb = weight_block(st.w, j0, n, w_buf);
-    at::Tensor tile = scratch_view(tile_buf, B, n);
-    at::mm_out(tile, st.unit_f, wb.t());
-    acc_t* tp = tile.data_ptr<acc_t>();
+  parallel_class_blocks(sp, C, [&](int64_t t, int64_t j0, int64_t n) {
+    at::Tensor wb;
+    at::Tensor tile = cosine_tile(st.unit_f, st.w, j0, n, scratch[t], wb);
+    acc_t* tp = tile.template data_ptr<acc_t>();
     const acc_t* col = st.col.data() + j0;
     const acc_t* inv_nw = st.inv_nw.data() + j0;
     const acc_t* bj = st.b.data() + j0;
-    std::fill(col_acc.begin(), col_acc.end(), acc_t(0));
-    at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        acc_t* cacc = col_acc.empty() ? nullptr : col_acc.data() + c * block;
-        for (int64_t i = c * B / chunks; i < (c + 1) * B / chunks; ++i) {
-          RowArgs<acc_t> r{tp + i * n, n, st.labels.target[i] - j0, st.s * st.a[i], st.a[i],
-                           st.z_y[i], st.t[i], st.dt[i], lse_p[i], g[i], g[i] + ge[i]};
-          row_acc[i] += cacc ? backward_row<true>(r, col, inv_nw, bj, cacc)
-                             : backward_row<false>(r, col, inv_nw, bj, cacc);
-        }
-      }
-    });
-    // grad f~ += (Gc / ||W||) @ W ;  grad W~ / ||W|| = (Gc / ||W||)^T @ f~   (kernels.md)
-    at::Tensor pmat = tile;
-    grad_unit_f.addmm_(pmat, wb);
-    at::Tensor q = scratch_view(q_buf, n, D);
-    at::mm_out(q, pmat.t(), st.unit_f);
-    const acc_t* qp = q.data_ptr<acc_t>();
-    const acc_t* wbp = wb.data_ptr<acc_t>();
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        acc_t gb = 0;
-        for (int64_t c = 0; c < chunks && !col_acc.empty(); ++c) gb += col_acc[c * block + j];
-        normalize_backward_row(wbp + j * D, inv_nw[j], qp + j * D, acc_t(1), st.s * gb, D,
-                               gw + (j0 + j) * D);
-      }
-    });
+    acc_t* cacc = nullptr;
+    if (!mg.normalize_weight) {
+      col_acc[t].assign(n, acc_t(0));
+      cacc = col_acc[t].data();
+    }
+    for (int64_t i = 0; i < B; ++i) {
+      RowArgs<acc_t> r{tp + i * n, n, st.labels.target[i] - j0, st.s * st.a[i], st.a[i],
+                       st.z_y[i], st.t[i], st.dt[i], lse_p[i], g[i], g[i] + ge[i]};
+      row_part[t * B + i] += cacc ? backward_row<true>(r, col, inv_nw, bj, cacc)
+                                  : backward_row<false>(r, col, inv_nw, bj, cacc);
+    }
+    // The tile now holds P = Gc / ||W||:  grad f~ += P @ W_block,  grad W~ / ||W|| = P^T @ f~.
+    if (!grad_unit_part[t].defined()) grad_unit_part[t] = at::zeros({B, D}, acc_opts);
+    grad_unit_part[t].addmm_(tile, wb);
+    at::Tensor q = scratch_view(q_buf[t], n, D, acc_opts);
+    at::mm_out(q, tile.t(), st.unit_f);
+    const acc_t* qp = q.template data_ptr<acc_t>();
+    const acc_t* wbp = wb.template data_ptr<acc_t>();
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t grad_b = cacc ? st.s * cacc[j] : acc_t(0);
+      normalize_backward_row(wbp + j * D, inv_nw[j], qp + j * D, acc_t(1), grad_b, D,
+                             gw + (j0 + j) * D);
+    }
+  });
+  at::Tensor grad_unit_f = grad_unit_part[0];
+  for (int64_t t = 1; t < T; ++t) grad_unit_f.add_(grad_unit_part[t]);
+  std::vector<acc_t> row_acc(B, 0);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t i = 0; i < B; ++i) row_acc[i] += row_part[t * B + i];
   }
 
   acc_t grad_s = 0;

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 
 #include <cmath>
 #include <cstdint>
@@ -32,12 +33,40 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Classes per block of the tiled walk: the (B, block) tile stays around 1-2 MB (cache-sized) and
-// extra memory stays O(B * block), never O(B * C) (kernels.md).
-inline int64_t class_block(int64_t batch, int64_t num_classes) {
-  int64_t block = (int64_t{1} << 19) / std::max<int64_t>(batch, 1);
-  block = std::min<int64_t>(std::max<int64_t>(block, 256), 4096);
-  return std::min(block, num_classes);
+// The class walk of every dense op (kernels.md): classes in blocks; the blocks are cut into
+// `workers` contiguous ranges, one per thread, each with its own scratch and partial results that
+// are merged once at the end. One parallel region per call (no barrier per block, which costs
+// dearly on a busy machine), and at::mm inside it runs single-threaded BLAS on the worker's block.
+// A (B, block) tile of ~1 MB stays in cache; extra memory O(workers * (B * block + B * D)).
+struct ClassSplit {
+  int64_t block = 1, num_blocks = 0, workers = 1;
+  ClassSplit(int64_t batch, int64_t num_classes) {
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    block = (int64_t{1} << 18) / std::max<int64_t>(batch, 1);
+    block = std::min<int64_t>(std::max<int64_t>(block, 256), 4096);
+    // At least one block per thread when there are enough classes.
+    block = std::max<int64_t>(1, std::min(block, (num_classes + threads - 1) / threads));
+    num_blocks = (num_classes + block - 1) / block;
+    workers = std::max<int64_t>(1, std::min(num_blocks, threads));
+  }
+};
+
+// fn(worker, j0, n) for every class block [j0, j0 + n), in class order within a worker.
+template <typename Fn>
+void parallel_class_blocks(const ClassSplit& sp, int64_t num_classes, Fn&& fn) {
+  at::parallel_for(0, sp.workers, 1, [&](int64_t t_begin, int64_t t_end) {
+    // The caller runs below autograd, but that dispatch state is thread-local and the pool's
+    // threads do not inherit it: without this guard at::mm on a block of a weight that requires
+    // grad would be routed through autograd.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t b_end = (t + 1) * sp.num_blocks / sp.workers;
+      for (int64_t b = t * sp.num_blocks / sp.workers; b < b_end; ++b) {
+        const int64_t j0 = b * sp.block;
+        fn(t, j0, std::min(sp.block, num_classes - j0));
+      }
+    }
+  });
 }
 
 // torch.relu with NaN propagation (kernels.md: `x > 0 ? x : (x != x ? x : 0)`); slope 0 at 0.
@@ -168,15 +197,35 @@ inline at::Tensor weight_block(const at::Tensor& w, int64_t start, int64_t n, at
   at::Tensor rows = w.narrow(0, start, n);
   const at::ScalarType acc = acc_dtype(w.scalar_type());
   if (w.scalar_type() == acc) return rows;
-  if (!buffer.defined()) buffer = at::empty({n, w.size(1)}, w.options().dtype(acc));
-  at::Tensor view = buffer.flatten().narrow(0, 0, n * w.size(1)).view({n, w.size(1)});
+  if (!buffer.defined() || buffer.numel() < n * w.size(1)) {
+    buffer = at::empty({n * w.size(1)}, w.options().dtype(acc));
+  }
+  at::Tensor view = buffer.narrow(0, 0, n * w.size(1)).view({n, w.size(1)});
   view.copy_(rows);
   return view;
 }
 
-// A (rows, cols) view over the front of a flat scratch buffer (the last class block is smaller).
-inline at::Tensor scratch_view(at::Tensor& buffer, int64_t rows, int64_t cols) {
-  return buffer.flatten().narrow(0, 0, rows * cols).view({rows, cols});
+// A (rows, cols) view over the front of a flat scratch buffer (the last class block is smaller),
+// allocated on first use (by the worker that owns it).
+inline at::Tensor scratch_view(at::Tensor& buffer, int64_t rows, int64_t cols,
+                               const at::TensorOptions& options) {
+  if (!buffer.defined() || buffer.numel() < rows * cols) buffer = at::empty({rows * cols}, options);
+  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// One worker's scratch for the cosine tile: the tile and (half/bf16 inputs) the converted W block.
+struct TileScratch {
+  at::Tensor tile, w_block;
+};
+
+// tile = f~ W_block^T (B, n) in the acc dtype via BLAS: <f~_i, W_j>, 1/||W_j|| is applied by the
+// epilogue (kernels.md). `wb` receives the acc-dtype block of W, for the gradient products.
+inline at::Tensor cosine_tile(const at::Tensor& unit_f, const at::Tensor& w, int64_t j0, int64_t n,
+                              TileScratch& scratch, at::Tensor& wb) {
+  wb = weight_block(w, j0, n, scratch.w_block);
+  at::Tensor tile = scratch_view(scratch.tile, unit_f.size(0), n, unit_f.options());
+  at::mm_out(tile, unit_f, wb.t());
+  return tile;
 }
 
 // Backward of u = x / ||x|| for one row (paper eq. 4) plus the gradient of a norm factor:
