@@ -30,7 +30,7 @@ from torch.library import wrap_triton
 
 from . import config
 from .cosine_softmax_fwd import softmax_rows
-from .normalize import acc_dtype, unit_backward
+from .normalize import unit_backward
 from .tiles import dot_tile, launch, row_ids, softmax_logits, softmax_scales
 
 MODE_SOFTMAX = 0

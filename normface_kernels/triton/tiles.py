@@ -29,7 +29,7 @@ def launch(kernel, grid, *args, **kwargs):
 def dot_tile(f_ptr, w_ptr, rows, cols, rmask, cmask, D, stride_fb, stride_fd, stride_wc,
              stride_wd, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) tile of <f_i, W_j> in the accumulation dtype, D walked in BLOCK_K steps."""
+    """(BLOCK_M, BLOCK_N) tile of <f_i, W_j> in the accumulation dtype; D in BLOCK_K steps."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
