@@ -23,21 +23,39 @@ struct AgentSetup {
   int64_t B, C, D;
   ClassSplit split;  // class blocks and workers of the dense walk
 
+  // dense: the op walks every class (norms of all rows of W). Otherwise only the target rows are
+  // normed here, and norm_rows() adds others (c_triplet's hardest): O(B * D), not O(C * D).
   AgentSetup(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels_in,
-             int64_t ignore_index, int64_t class_start)
+             int64_t ignore_index, int64_t class_start, bool dense)
       : f(features.contiguous()), w(weight.contiguous()),
         B(features.size(0)), C(weight.size(0)), D(features.size(1)),
         split(features.size(0), weight.size(0)) {
     labels = local_labels(labels_in, ignore_index, class_start, C);
     unit_f = unit_rows<scalar_t>(f, norm_f);
-    std::vector<acc_t> nw(C);
-    row_norms(w.data_ptr<scalar_t>(), C, D, nw.data());
-    inv_nw.resize(C);
-    for (int64_t j = 0; j < C; ++j) inv_nw[j] = acc_t(1) / nw[j];
-    d_y.resize(B);
-    target_cosines(unit_f.data_ptr<acc_t>(), w.data_ptr<scalar_t>(), nw.data(), labels.target, D,
-                   d_y.data());
-    for (int64_t i = 0; i < B; ++i) d_y[i] = acc_t(2) - acc_t(2) * d_y[i];
+    inv_nw.assign(C, acc_t(0));
+    if (dense) {
+      row_norms(w.data_ptr<scalar_t>(), C, D, inv_nw.data());
+      for (int64_t j = 0; j < C; ++j) inv_nw[j] = acc_t(1) / inv_nw[j];
+    } else {
+      norm_rows(labels.target);
+    }
+    d_y.assign(B, acc_t(0));
+    at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (labels.target[i] >= 0) d_y[i] = distance(i, labels.target[i]);
+      }
+    });
+  }
+
+  // 1 / ||W_j|| for the listed local rows (-1 entries skipped), serial: O(len * D).
+  void norm_rows(const std::vector<int64_t>& rows) {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    for (int64_t j : rows) {
+      if (j < 0 || inv_nw[j] != acc_t(0)) continue;
+      acc_t norm;
+      row_norms(wp + j * D, 1, D, &norm);
+      inv_nw[j] = acc_t(1) / norm;
+    }
   }
 
   // d_ij from a raw row of W (the sparse terms): 2 - 2 <f~_i, W_j> / ||W_j||.

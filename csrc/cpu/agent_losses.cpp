@@ -98,7 +98,7 @@ at::Tensor contrastive_forward(const at::Tensor& features, const at::Tensor& wei
   using acc_t = at::opmath_type<scalar_t>;
   at::Tensor loss = empty_losses(features);
   if (features.size(0) == 0) return loss;
-  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start);
+  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start, /*dense=*/true);
   const acc_t neg = static_cast<acc_t>(neg_margin), pos = static_cast<acc_t>(pos_margin);
   const int64_t B = st.B, T = st.split.workers;
   std::vector<acc_t> part(T * B, 0);  // per worker: sum of its negatives' hinges
@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor& labels, double pos_margin, double neg_margin, int64_t ignore_index,
     int64_t class_start) {
   using acc_t = at::opmath_type<scalar_t>;
-  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start);
+  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start, /*dense=*/true);
   const std::vector<acc_t> g = upstream(grad_loss, st);
   const acc_t neg = static_cast<acc_t>(neg_margin), pos = static_cast<acc_t>(pos_margin);
   AgentGrads<scalar_t> grads(st, st.labels.target, /*dense=*/true);
@@ -156,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_forward(const at::Tensor& features,
   at::Tensor loss = empty_losses(features);
   at::Tensor hardest = at::full({features.size(0)}, -1, features.options().dtype(at::kLong));
   if (features.size(0) == 0) return {loss, hardest};
-  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start);
+  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start, /*dense=*/true);
   const acc_t margin = static_cast<acc_t>(margin_in);
   // Per worker and row: hardest_only keeps the running (min d, first index), NaN winning as in
   // torch.argmin; otherwise the running sum of hinges.
@@ -224,7 +224,8 @@ std::tuple<at::Tensor, at::Tensor> triplet_backward(
     const at::Tensor& labels, const at::Tensor& hardest_in, double margin_in, bool hardest_only,
     bool center, int64_t ignore_index, int64_t class_start) {
   using acc_t = at::opmath_type<scalar_t>;
-  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start);
+  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start,
+                          /*dense=*/!hardest_only);
   const std::vector<acc_t> g = upstream(grad_loss, st);
   const acc_t margin = static_cast<acc_t>(margin_in);
   // Only rows with a local target carry a loss (and so a gradient).
@@ -265,6 +266,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_backward(
     TORCH_CHECK(hp[i] >= -1 && hp[i] < st.C, "hardest must be in [-1, ", st.C, "), got ", hp[i]);
     if (st.labels.target[i] >= 0 && hp[i] >= 0) sparse.push_back(hp[i]);
   }
+  st.norm_rows(sparse);
   AgentGrads<scalar_t> grads(st, sparse, /*dense=*/false);
   for (int64_t i = 0; i < st.B; ++i) {
     const int64_t y = st.labels.target[i], k = hp[i];
@@ -285,7 +287,7 @@ at::Tensor center_forward(const at::Tensor& features, const at::Tensor& weight,
   using acc_t = at::opmath_type<scalar_t>;
   at::Tensor loss = empty_losses(features);
   if (features.size(0) == 0) return loss;
-  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start);
+  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start, /*dense=*/false);
   acc_t* lp = loss.data_ptr<acc_t>();
   for (int64_t i = 0; i < st.B; ++i) lp[i] = st.labels.target[i] >= 0 ? st.d_y[i] : acc_t(0);
   return loss;
@@ -299,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor> center_backward(const at::Tensor& grad_loss,
                                                    const at::Tensor& labels,
                                                    int64_t ignore_index, int64_t class_start) {
   using acc_t = at::opmath_type<scalar_t>;
-  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start);
+  AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start, /*dense=*/false);
   const std::vector<acc_t> g = upstream(grad_loss, st);
   AgentGrads<scalar_t> grads(st, st.labels.target, /*dense=*/false);
   for (int64_t i = 0; i < st.B; ++i) {
