@@ -30,11 +30,20 @@ def _pass_for(rows):
     return "fwd_bwd" if "fwd_bwd" in passes else next(p for p in grid.PASSES if p in passes)
 
 
+def _short(c):
+    if c >= 1_000_000:
+        return f"{c / 1e6:.3g}M"
+    if c % 1000 == 0 or c >= 100_000:
+        return f"{c / 1000:.0f}k"
+    return f"{c:,}"
+
+
 def write_plots(report, out_dir, stem):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         report.notes.append("PNG plot skipped: matplotlib is not installed")
         return []
@@ -61,6 +70,11 @@ def write_plots(report, out_dir, stem):
                             color=color, marker=marker or None, linestyle=line)
                 ax.set_xscale("log")
                 ax.set_yscale("log")
+                cs = sorted({r.C for r in op_rows})
+                ax.xaxis.set_major_locator(ticker.FixedLocator(cs))
+                ax.xaxis.set_major_formatter(ticker.FixedFormatter([_short(c) for c in cs]))
+                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+                ax.yaxis.set_minor_formatter(ticker.NullFormatter())
                 ax.set_xlabel("C (classes)")
                 ax.set_ylabel(label)
                 ax.set_title(f"{op} {pass_name}: {label.split(' (')[0]}", fontsize=10)

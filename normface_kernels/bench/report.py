@@ -146,8 +146,11 @@ class Environment:
         if self.seconds:
             phases = ", ".join(f"{k} {v:.0f} s" for k, v in self.phases.items())
             out.append(f"run time: {self.seconds:.0f} s" + (f" ({phases})" if phases else ""))
-            out.append(f"load average: {self.load_start} at the start, {_loadavg()} at the end "
-                       "(other processes on the machine make CPU times noisy)")
+            out.append(f"load average: {self.load_start} at the start, {_loadavg()} at the end")
+            if self.device == "cpu" and _busy():
+                out.append(f"WARNING: the load average exceeds the {os.cpu_count()} cores: other "
+                           "processes were running, CPU times are noisy (compare ratios measured "
+                           "side by side, not absolute times)")
         return out
 
 
@@ -260,7 +263,7 @@ class Report:
 
     def table(self, markdown=False):
         head = ["op", "B", "D", "C", "dtype", "pass", "backend", "median ms", "p20-p80 ms",
-                "extra MiB", "x best", "x gemm", "status"]
+                "x best", "x gemm", "extra MiB", "mem x best", "status"]
         body, previous = [], None
         for row in self._sorted():
             case = row.case_key
@@ -273,8 +276,8 @@ class Report:
             body.append(["" if same else v for v in (row.op, str(row.B), str(row.D),
                                                      f"{row.C:,}", row.dtype, row.pass_name)]
                         + [row.backend, _fmt(row.median_ms), spread,
-                           _fmt(row.peak_mem_mb, 1), _fmt(row.time_vs_best, 2, "x"),
-                           _fmt(row.time_vs_gemm_floor, 2, "x"), status])
+                           _fmt(row.time_vs_best, 2, "x"), _fmt(row.time_vs_gemm_floor, 2, "x"),
+                           _fmt(row.peak_mem_mb, 1), _fmt(row.mem_vs_best, 2, "x"), status])
         if markdown:
             lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(cell.replace("|", "/") for cell in r) + " |"
@@ -348,6 +351,13 @@ def _loadavg():
         return ", ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         return "unknown"
+
+
+def _busy():
+    try:
+        return max(os.getloadavg()[:2]) > (os.cpu_count() or 1) + 0.5
+    except OSError:
+        return False
 
 
 def _ratio(a, b):

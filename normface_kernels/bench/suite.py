@@ -13,8 +13,9 @@ import torch
 from . import grid, measure, runners
 from .report import Report, Row, environment
 
-SKIP_COMPILE_QUICK = ("skipped in --quick on CPU: inductor compiles C++ for every op and shape "
-                      "(~25 s each on a 2-core machine); run the full grid, or pass --compile")
+SKIP_COMPILE_QUICK = ("skipped in --quick / --targets-only / --smoke on CPU: inductor compiles C++ "
+                      "for every op and shape (~25 s each on a 2-core machine); the full grid "
+                      "runs it up to --compile-max-c, --compile forces it")
 
 
 @dataclasses.dataclass
@@ -116,6 +117,8 @@ class Suite:
         self.device = _device(config)
         self.env = environment(self.device)
         self.cases = build_cases(config, self.device)
+        custom = config.Bs or config.Ds or config.Cs or config.dtypes
+        self.label = "custom" if custom else config.mode
         self.rows = {}
         self.notes = []
         self.skipped = {}   # backend -> reason, for the whole run
@@ -202,8 +205,7 @@ class Suite:
         finally:
             progress.close()
         self.env.seconds = time.time() - started
-        return Report(self.env, list(self.rows.values()), self.skipped, self.notes,
-                      self.config.mode)
+        return Report(self.env, list(self.rows.values()), self.skipped, self.notes, self.label)
 
     def _runners(self, case, plan):
         inputs = runners.Inputs.make(case, self.device)
