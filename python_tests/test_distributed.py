@@ -54,7 +54,15 @@ SETTINGS = [
     ("c_triplet_all_blocked", dict(loss="c_triplet", hardest_only=False, triplet_margin=1.2,
                                    reduction="none"), {"block_elems": 8}),
     ("ddp_compensation", dict(margins=(1.0, 0.0, 0.2)), {"ddp": True}),
+    # float32 end to end (float32 partials, float32 learned scale), at float32 tolerance.
+    ("float32_arcface_aux_contrastive", dict(margins=(1.0, 0.5, 0.0), aux="c_contrastive"),
+     {"dtype": torch.float32}),
+    ("float32_c_triplet_hardest_center", dict(loss="c_triplet", center=True),
+     {"dtype": torch.float32}),
+    ("float32_c_triplet_all", dict(loss="c_triplet", hardest_only=False),
+     {"dtype": torch.float32}),
 ]
+FLOAT32_RTOL, FLOAT32_ATOL = 1e-4, 1e-5
 
 
 def _data(sizes, ignore_index, seed, tie=False):
@@ -86,20 +94,24 @@ def _double_scale(module):
 def _run_setting(rank, world, name, kw, extra, seed, sizes):
     """Compare one setting; returns a list of mismatch messages."""
     ignore_index = kw.get("ignore_index", -100)
+    dtype = extra.get("dtype", torch.float64)
+    rtol, atol = (RTOL, ATOL) if dtype == torch.float64 else (FLOAT32_RTOL, FLOAT32_ATOL)
     f, w, y = _data(sizes, ignore_index, seed, tie=extra.get("tie", False))
+    f, w = f.to(dtype), w.to(dtype)
     lo = sum(sizes[:rank])
     hi = lo + sizes[rank]
 
-    single = _double_scale(NormFaceLoss(D, C, backend="cpu", dtype=torch.float64, **kw))
+    single = NormFaceLoss(D, C, backend="cpu", dtype=dtype, **kw)
+    sharded = nkd.ShardedNormFaceLoss(D, C, backend="cpu", dtype=dtype,
+                                      ddp_compensation=extra.get("ddp", False), **kw)
+    if dtype == torch.float64:
+        single, sharded = _double_scale(single), _double_scale(sharded)
     with torch.no_grad():
         single.weight.copy_(w)
+    sharded.load_full_weight(w)
     f_single = f.clone().requires_grad_(True)
     loss_single = single(f_single, y)
 
-    sharded = _double_scale(nkd.ShardedNormFaceLoss(
-        D, C, backend="cpu", dtype=torch.float64, ddp_compensation=extra.get("ddp", False),
-        **kw))
-    sharded.load_full_weight(w)
     f_local = f[lo:hi].clone().requires_grad_(True)
     old_block = nkd.TRIPLET_BLOCK_ELEMS
     nkd.TRIPLET_BLOCK_ELEMS = extra.get("block_elems", old_block)
@@ -108,7 +120,7 @@ def _run_setting(rank, world, name, kw, extra, seed, sizes):
     finally:
         nkd.TRIPLET_BLOCK_ELEMS = old_block
 
-    cotangent = torch.linspace(0.5, 1.5, loss_single.numel(), dtype=torch.float64)
+    cotangent = torch.linspace(0.5, 1.5, loss_single.numel(), dtype=loss_single.dtype)
     (loss_single * cotangent.view_as(loss_single)).sum().backward()
     (loss * cotangent.view_as(loss)).sum().backward()
 
@@ -119,7 +131,7 @@ def _run_setting(rank, world, name, kw, extra, seed, sizes):
             if (got is None) != (want is None):
                 errors.append(f"[{name} rank {rank}/{world}] {what}: {got} vs {want}")
             return
-        if not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
+        if not torch.allclose(got, want, rtol=rtol, atol=atol):
             diff = (got - want).abs().max().item()
             errors.append(f"[{name} rank {rank}/{world}] {what}: max diff {diff:.3g}\n"
                           f"  got  {got.flatten()[:8].tolist()}\n"
