@@ -261,17 +261,25 @@ class Report:
                                                 r.D, r.C, passes[r.pass_name],
                                                 backends.get(r.backend, 99)))
 
+    def _constant_notes(self):
+        """{backend: note} for backends whose note is the same on every row (said once)."""
+        notes = {}
+        for row in self.rows:
+            notes.setdefault(row.backend, set()).add(row.note)
+        return {b: n.pop() for b, n in notes.items() if len(n) == 1 and next(iter(n))}
+
     def table(self, markdown=False):
         head = ["op", "B", "D", "C", "dtype", "pass", "backend", "median ms", "p20-p80 ms",
                 "x best", "x gemm", "extra MiB", "mem x best", "status"]
         body, previous = [], None
+        constant = self._constant_notes()
         for row in self._sorted():
             case = row.case_key
             same = case == previous and not markdown
             previous = case
             spread = ("" if row.p20_ms is None else f"{_fmt(row.p20_ms)}-{_fmt(row.p80_ms)}")
             status = row.status if row.status not in ("ok",) else ""
-            if row.note and markdown:
+            if row.note and markdown and row.backend not in constant:
                 status = _join(status, row.note)
             body.append(["" if same else v for v in (row.op, str(row.B), str(row.D),
                                                      f"{row.C:,}", row.dtype, row.pass_name)]
@@ -334,6 +342,9 @@ class Report:
                 "The linear-cross-entropy peers (torch_lce, liger_flce, cce) get pre-normalized "
                 "inputs with the scale folded in: NormFace with the same GEMMs, no margin; they "
                 "appear on the normface rows only.", ""]
+        constant = self._constant_notes()
+        if constant:
+            out += ["Backends: " + "; ".join(f"`{b}`: {n}" for b, n in constant.items()), ""]
         targets = self.targets_text()
         if targets:
             out += ["## Targets", "", "```"] + targets + ["```", ""]

@@ -208,7 +208,8 @@ def _pml(op, inputs):
         module.W.copy_(inputs.weight.detach().t())   # PML keeps W as (D, C)
     f, y = inputs.features, inputs.labels
     return Runner("pml", lambda: module(f, y), [f, module.W],
-                  note=f"pytorch_metric_learning.losses.{type(module).__name__}")
+                  note="pytorch_metric_learning.losses NormalizedSoftmaxLoss (normface), "
+                       "ArcFaceLoss, CosFaceLoss (own W parameter, builds B x C)")
 
 
 _FACTORIES = {"torch_compile": _torch_compile, "gemm_floor": _gemm_floor,
