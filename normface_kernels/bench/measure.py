@@ -73,12 +73,18 @@ def cpu_time_interleaved(steps, budget_s=1.5, min_reps=3, max_reps=25):
     for r in range(reps):
         order = live[r % len(live):] + live[:r % len(live)]   # rotate who goes first
         for name in order:
+            if name in errors:
+                continue
             setup, timed = steps[name]
-            state = setup()
-            t0 = time.perf_counter()
-            timed(state)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-            del state
+            try:
+                state = setup()
+                t0 = time.perf_counter()
+                timed(state)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+                del state
+            except Exception as error:  # noqa: BLE001
+                errors[name] = error
+                del times[name]
     return times, errors
 
 
