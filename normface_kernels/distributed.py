@@ -374,6 +374,19 @@ class ShardedNormFaceLoss(nn.Module):
                              f"{tuple(weight.shape)}")
         self.weight.copy_(weight[self.class_start: self.class_end])
 
+    @torch.no_grad()
+    def full_weight(self):
+        """The full (C, D) weight on every rank (a collective): for export or re-sharding to
+        another world size (`load_full_weight`). Needs C x D of memory on each rank."""
+        if not _distributed(self.group):
+            return self.weight.detach().clone()
+        rows = -(-self.num_classes // self.world_size)
+        padded = self.weight.new_zeros((rows, self.embedding_size))
+        padded[: self.weight.shape[0]] = self.weight
+        gathered = _all_gather(padded, self.group)
+        return torch.cat([gathered[r, : e - s] for r, (s, e) in enumerate(
+            shard_range(self.num_classes, self.world_size, k) for k in range(self.world_size))])
+
     @property
     def effective_scale(self):
         """The scale used in the loss: the parameter, bounded below by 0.01 (paper's layer)."""
@@ -394,15 +407,13 @@ class ShardedNormFaceLoss(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def _op(self, name, device):
-        return F._op(name, self._backend(device))
-
-    def _backend(self, device):
+    def _ops(self, device):
+        """torch.ops.normface (or its triton_ twins) for the backend of `device`."""
         backend = F.resolve_backend(self.backend, device)
         if backend == "reference":
             raise RuntimeError(f"ShardedNormFaceLoss needs compiled kernels for {device} tensors "
                                "(cpu, cuda or triton backend); none is available")
-        return backend
+        return lambda name: F._op(name, backend)
 
     def _sample_shard(self, labels_all, valid):
         """The agents this step uses: (weight (n, D), op labels, class_start, num_classes).
@@ -425,6 +436,7 @@ class ShardedNormFaceLoss(nn.Module):
             priority = torch.rand(local, device=labels_all.device)
             priority[positives] = 2.0  # positives always kept
             index = torch.topk(priority, keep, sorted=False).indices.sort().values
+        # The "elsewhere" id must not be ignore_index, or the op would drop those rows.
         elsewhere = index.numel() if self.ignore_index != index.numel() else index.numel() + 1
         position = torch.searchsorted(index, (labels_all - start).clamp(0, local - 1))
         op_labels = torch.where(is_local, position, torch.full_like(labels_all, elsewhere))
@@ -434,71 +446,21 @@ class ShardedNormFaceLoss(nn.Module):
 
     def forward(self, local_features, local_labels):
         labels = F._check_inputs(local_features, self.weight, local_labels)
-        group, dev = self.group, local_features.device
+        op = self._ops(local_features.device)
         multiplier = float(self.world_size) if self.ddp_compensation else 1.0
-        f_all, labels_all, _ = _gather_batch(local_features, labels, group, multiplier)
+        f_all, labels_all, _ = _gather_batch(local_features, labels, self.group, multiplier)
         valid = labels_all != self.ignore_index
         # Same data on every rank, so every rank raises together (never a hang).
         F._check_labels_range(labels_all, self.num_classes, self.ignore_index)
         weight, op_labels, start, ncls = self._sample_shard(labels_all, valid)
         shard = (self.ignore_index, start, ncls)
-        owner = torch.bucketize(labels_all, self._class_starts.to(dev), right=True) - 1
-        owner = torch.where(valid, owner, torch.zeros_like(owner)).clamp(0, self.world_size - 1)
 
-        terms = []  # (B,) partials of this rank, merged after one all-gather
-        if self.loss == "softmax":
-            s = F._scale_tensor(self.effective_scale, f_all)
-            if s.requires_grad:
-                s = _copy_to_shards(s, group)
-            loss_r, lse_r = self._op("cosine_softmax_forward", dev)(
-                f_all, weight, op_labels, s, self.m1, self.m2, self.m3, self.lam,
-                self.normalize_features, self.normalize_weight, *shard)
-            terms += [lse_r, loss_r]
-        elif self.loss == "c_contrastive":
-            terms.append(self._contrastive(f_all, weight, op_labels, shard, dev))
-        elif self.hardest_only:
-            with torch.no_grad():
-                _, hardest = self._op("c_triplet_forward", dev)(
-                    f_all.detach(), weight.detach(), op_labels, self.triplet_margin, True,
-                    False, *shard)
-            terms += [_row_distance(f_all, weight, hardest),
-                      self._op("center_loss", dev)(f_all, weight, op_labels, *shard)]
-        else:
-            # Round 1: d_iy from its owner; round 2 (with the aux terms): the shard sums.
-            d_y = _gather_replicated(
-                self._op("center_loss", dev)(f_all, weight, op_labels, *shard), group).sum(0)
-            target = op_labels - start
-            target = torch.where(valid & (target >= 0) & (target < weight.shape[0]), target,
-                                 torch.full_like(target, -1))
-            terms.append(_triplet_all_sum(f_all, weight, _copy_to_shards(d_y, group), target,
-                                          self.triplet_margin))
-        if self.aux == "c_contrastive":
-            terms.append(self._contrastive(f_all, weight, op_labels, shard, dev))
-        elif self.aux == "center":
-            terms.append(self._op("center_loss", dev)(f_all, weight, op_labels, *shard))
-
+        terms, d_y = self._local_terms(op, f_all, weight, op_labels, shard, valid)
         acc = torch.float64 if f_all.dtype == torch.float64 else torch.float32
-        merged = _gather_replicated(torch.stack([t.to(acc) for t in terms]), group)  # (R, T, B)
+        merged = _gather_replicated(torch.stack([t.to(acc) for t in terms]), self.group)
+        main = self._merge(merged, labels_all, valid, d_y)  # merged: (R, T, B)
 
-        if self.loss == "softmax":
-            lse_all, loss_all = merged[:, 0], merged[:, 1]
-            lse = torch.logsumexp(lse_all, dim=0)
-            own = owner[None]
-            main = loss_all.gather(0, own)[0] + (lse - lse_all.gather(0, own)[0])
-        elif self.loss == "c_contrastive":
-            main = merged[:, 0].sum(0)
-        elif self.hardest_only:
-            d_hard, d_y = merged[:, 0], merged[:, 1].sum(0)
-            # argmin over ranks: first (lowest) rank on ties, NaN wins as in torch.argmin.
-            d_min = d_hard.gather(0, d_hard.argmin(dim=0, keepdim=True))[0]
-            main = torch.relu(self.triplet_margin + d_y - d_min)
-            if self.center:
-                main = main + d_y
-        else:
-            main = merged[:, 0].sum(0)
-            if self.center:
-                main = main + d_y
-        zero = torch.zeros((), dtype=acc, device=dev)
+        zero = torch.zeros((), dtype=acc, device=f_all.device)
         loss = F.reduce_loss(torch.where(valid, main, zero), labels_all, self.ignore_index,
                              self.reduction)
         if self.aux is not None:
@@ -509,9 +471,65 @@ class ShardedNormFaceLoss(nn.Module):
             self._update_distortion(f_all, labels_all, valid)
         return loss
 
-    def _contrastive(self, f_all, weight, op_labels, shard, dev):
-        return self._op("c_contrastive", dev)(f_all, weight, op_labels, self.pos_margin,
-                                              self.neg_margin, *shard)
+    def _local_terms(self, op, f_all, weight, op_labels, shard, valid):
+        """This rank's (B,) partials, in the order _merge reads them (aux last), and d_iy for
+        c_triplet with hardest_only=False (gathered in an extra round), else None."""
+        d_y = None
+        if self.loss == "softmax":
+            s = F._scale_tensor(self.effective_scale, f_all)
+            if s.requires_grad:
+                s = _copy_to_shards(s, self.group)
+            loss_r, lse_r = op("cosine_softmax_forward")(
+                f_all, weight, op_labels, s, self.m1, self.m2, self.m3, self.lam,
+                self.normalize_features, self.normalize_weight, *shard)
+            terms = [lse_r, loss_r]
+        elif self.loss == "c_contrastive":
+            terms = [op("c_contrastive")(f_all, weight, op_labels, self.pos_margin,
+                                         self.neg_margin, *shard)]
+        elif self.hardest_only:
+            # The op finds this shard's nearest wrong agent; its distance is recomputed
+            # differentiably from two rows (B x D), so no (B, C) tensor enters autograd.
+            with torch.no_grad():
+                _, hardest = op("c_triplet_forward")(f_all.detach(), weight.detach(), op_labels,
+                                                     self.triplet_margin, True, False, *shard)
+            terms = [_row_distance(f_all, weight, hardest),
+                     op("center_loss")(f_all, weight, op_labels, *shard)]
+        else:
+            d_y = _gather_replicated(op("center_loss")(f_all, weight, op_labels, *shard),
+                                     self.group).sum(0)
+            target = op_labels - shard[1]
+            target = torch.where(valid & (target >= 0) & (target < weight.shape[0]), target,
+                                 torch.full_like(target, -1))
+            terms = [_triplet_all_sum(f_all, weight, _copy_to_shards(d_y, self.group), target,
+                                      self.triplet_margin)]
+        if self.aux == "c_contrastive":
+            terms.append(op("c_contrastive")(f_all, weight, op_labels, self.pos_margin,
+                                             self.neg_margin, *shard))
+        elif self.aux == "center":
+            terms.append(op("center_loss")(f_all, weight, op_labels, *shard))
+        return terms, d_y
+
+    def _merge(self, merged, labels_all, valid, d_y):
+        """Per-sample main loss of the global batch from every rank's partials (R, T, B)."""
+        if self.loss == "softmax":
+            # loss_i = loss_oi + (lse_i - lse_oi), o = the rank owning y_i.
+            owner = torch.bucketize(labels_all, self._class_starts, right=True) - 1
+            owner = torch.where(valid, owner, torch.zeros_like(owner))
+            owner = owner.clamp(0, self.world_size - 1)[None]
+            lse_all, loss_all = merged[:, 0], merged[:, 1]
+            lse = torch.logsumexp(lse_all, dim=0)
+            return loss_all.gather(0, owner)[0] + (lse - lse_all.gather(0, owner)[0])
+        if self.loss == "c_contrastive":
+            return merged[:, 0].sum(0)
+        if self.hardest_only:
+            d_hard, d_y = merged[:, 0], merged[:, 1].sum(0)
+            # argmin over ranks: first (lowest) rank on ties, i.e. the lowest class id; NaN wins
+            # as in torch.argmin, so NaN propagates.
+            d_min = d_hard.gather(0, d_hard.argmin(dim=0, keepdim=True))[0]
+            main = torch.relu(self.triplet_margin + d_y - d_min)
+        else:
+            main = merged[:, 0].sum(0)
+        return main + d_y if self.center else main
 
     @torch.no_grad()
     def _update_distortion(self, f_all, labels_all, valid):

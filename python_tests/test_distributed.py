@@ -140,6 +140,7 @@ def _run_setting(rank, world, name, kw, extra, seed, sizes):
     multiplier = world if extra.get("ddp", False) else 1
     s0, s1 = sharded.class_start, sharded.class_end
     check("loss", loss.detach(), loss_single.detach())
+    check("full_weight", sharded.full_weight(), w)
     check("grad features", f_local.grad, multiplier * f_single.grad[lo:hi])
     check("grad weight", sharded.weight.grad, single.weight.grad[s0:s1])
     if isinstance(single.scale, torch.nn.Parameter):
