@@ -123,8 +123,9 @@ class NormFaceLoss(nn.Module):
                           ignore_index=self.ignore_index, reduction="none", backend=self.backend)
         valid = labels != self.ignore_index
         y = torch.where(valid, labels, torch.zeros_like(labels))
-        num = torch.zeros_like(self.agent_distortion).index_add_(0, y, d.float() * valid)
-        cnt = torch.zeros_like(self.agent_distortion).index_add_(0, y, valid.float())
+        dtype = self.agent_distortion.dtype
+        num = torch.zeros_like(self.agent_distortion).index_add_(0, y, d.to(dtype) * valid)
+        cnt = torch.zeros_like(self.agent_distortion).index_add_(0, y, valid.to(dtype))
         present = cnt > 0
         batch_mean = num / cnt.clamp(min=1)
         # A class seen for the first time starts at its batch mean instead of decaying from 0.
