@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--cpu-budget", type=float, default=None,
                    help="CPU: seconds of repetitions per case and pass (default 1.5, quick 1.0)")
     p.add_argument("--min-reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch.set_num_threads for the run (default: torch's own choice)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     for name, allowed in (("backends", runners.ALL_BACKENDS), ("ops", grid.OPS),
@@ -78,6 +80,9 @@ def config_from_args(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)   # the memory worker inherits it
     report = run(config_from_args(args))
     print(report.text())
     if not args.no_write:
