@@ -308,7 +308,8 @@ class Report:
         out += ["", self.table(), ""]
         if self.skipped:
             out += ["not run:"] + ["  " + line for line in self.skipped_lines()] + [""]
-        out += [n for n in self.notes]
+        if self.notes:
+            out += list(self.notes) + [""]
         out += self.targets_text()
         return "\n".join(out)
 

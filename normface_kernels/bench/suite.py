@@ -13,9 +13,11 @@ import torch
 from . import grid, measure, runners
 from .report import Report, Row, environment
 
-SKIP_COMPILE_QUICK = ("skipped in --quick / --targets-only / --smoke on CPU: inductor compiles C++ "
-                      "for every op and shape (~25 s each on a 2-core machine); the full grid "
-                      "runs it up to --compile-max-c, --compile forces it")
+SKIP_COMPILE_CPU = ("skipped in --targets-only / --smoke on CPU: inductor compiles C++ for every "
+                    "op and shape (10-30 s each on a 2-core machine); --compile forces it")
+SKIP_COMPILE_QUICK = ("skipped in --quick on CPU except for " + ", ".join(
+    f"{op} C={c:,}" for op, c in grid.QUICK_CPU_COMPILE) + " (inductor compile time: 10-30 s per "
+    "op and shape on 2 cores); the full grid runs it up to --compile-max-c")
 
 
 @dataclasses.dataclass
@@ -121,6 +123,7 @@ class Suite:
         self.label = "custom" if custom else config.mode
         self.rows = {}
         self.notes = []
+        self.compile_skips = 0
         self.skipped = {}   # backend -> reason, for the whole run
         names = [b for b in runners.ALL_BACKENDS
                  if not config.backends or b in config.backends]
@@ -137,7 +140,7 @@ class Suite:
             return "skipped: --no-compile"
         if self.config.compile == "on" or self.device == "cuda":
             return None
-        return SKIP_COMPILE_QUICK if self.config.mode in ("quick", "smoke", "targets") else None
+        return SKIP_COMPILE_CPU if self.config.mode in ("smoke", "targets") else None
 
     # -- which backends a case gets, and why not the others --------------------------------
 
@@ -149,11 +152,15 @@ class Suite:
                 continue
             if not runners.applies(name, case.op):
                 continue
-            if (name == "torch_compile" and self.device == "cpu" and self.config.compile != "on"
-                    and case.C > self.config.compile_max_c):
-                skips[name] = (f"skipped: C > {self.config.compile_max_c} on CPU "
-                               "(inductor compile time; --compile-max-c)")
-                continue
+            if name == "torch_compile" and self.device == "cpu" and self.config.compile != "on":
+                if self.label == "quick" and (case.op, case.C) not in grid.QUICK_CPU_COMPILE:
+                    if not case.tag:
+                        self.compile_skips += 1
+                    continue
+                if case.C > self.config.compile_max_c:
+                    skips[name] = (f"skipped: C > {self.config.compile_max_c} on CPU "
+                                   "(inductor compile time; --compile-max-c)")
+                    continue
             need = runners.estimated_bytes(name, case)
             if need > self.config.memory_headroom * free:
                 skips[name] = (f"skipped: needs ~{need / 2**30:.1f} GiB, "
@@ -180,6 +187,8 @@ class Suite:
 
     def run(self):
         plans = [(case,) + self._plan(case) for case in self.cases]
+        if self.compile_skips:
+            self.notes.append(f"torch_compile: {SKIP_COMPILE_QUICK}")
         with_memory = self.config.memory
         units = sum(len(plan) * len(case.passes) * (case.time + (case.memory and with_memory))
                     for case, plan, _ in plans)
