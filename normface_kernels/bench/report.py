@@ -351,7 +351,8 @@ class Report:
             out += ["## Targets", "", "```"] + targets + ["```", ""]
         if self.skipped:
             out += ["## Not run", ""] + [f"- {line}" for line in self.skipped_lines()] + [""]
-        out += [f"- {n}" for n in self.notes]
+        if self.notes:
+            out += [f"- {n}" for n in self.notes] + [""]
         for png in pngs:
             out += [f"![{png}]({png})", ""]
         out += ["## Results", "", self.table(markdown=True), ""]
