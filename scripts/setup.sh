@@ -14,9 +14,10 @@ fi
 PY="$VENV/bin/python"
 echo "== installing dependencies"
 "$PY" -m pip install -q --upgrade pip setuptools wheel
-# torch >= 2.11; triton for the Triton backend (interpreted on CPU in the tests).
+# torch >= 2.11; triton for the Triton backend (interpreted on CPU in the tests); the rest for
+# the tests, the benchmark (pytorch-metric-learning is one of its peers) and the examples.
 "$PY" -m pip install -q "torch>=2.11" "triton>=3.6" numpy ninja pytest expecttest \
-  pytest-benchmark matplotlib tqdm scikit-learn
+  pytest-benchmark matplotlib tqdm scikit-learn pytorch-metric-learning
 echo "== building normface_kernels (this compiles C++ and, with a CUDA toolkit, CUDA sources)"
 MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 "$PY" - <<'PYEOF'
