@@ -9,7 +9,7 @@ C-triplet, center) -- computed without materializing the (B, C) logits matrix.
     criterion = nk.NormFaceLoss(512, 100_000)                                 # learned scale
 """
 
-import torch
+import torch  # noqa: F401  (loads libtorch before the _C library that links it)
 
 # The C++ library registers every op schema and the CPU (and, when built, CUDA) kernels.
 # A failed load leaves backend="reference" (and "triton") usable and says why on use.

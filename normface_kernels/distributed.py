@@ -53,7 +53,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import functional as F
-from .modules import AUX_LOSSES, LOSSES, SCALE_FLOOR, SCALE_INIT
+from .modules import AUX_LOSSES, LOSSES, SCALE_FLOOR, init_agents, reset_agents
 
 EPS = 1e-12  # the eps of every norm (SPEC: sqrt(sum x^2 + eps))
 # Non-hardest C-triplet: agents per block are chosen so that a block has ~this many (B x block)
@@ -343,28 +343,16 @@ class ShardedNormFaceLoss(nn.Module):
         self.ddp_compensation = bool(ddp_compensation)
         self.last_sampled_classes = None  # global ids of the agents of the last sampled step
 
-        local = self.class_end - self.class_start
-        factory = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.empty(local, embedding_size, **factory))
-        if scale == "learn":
-            # Replicated: the same initial value everywhere and the same (all-reduced) gradient.
-            self.scale = nn.Parameter(torch.tensor(SCALE_INIT, device=device))
-        else:
-            if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-                raise ValueError(f"scale must be 'learn' or a finite float, got {scale!r}")
-            self.register_buffer("scale", torch.tensor(float(scale), device=device))
-        self.register_buffer("agent_distortion", torch.zeros(local, device=device))
-        self.register_buffer("distortion_seen", torch.zeros(local, dtype=torch.bool,
-                                                            device=device))
+        # The scale, when learned, is replicated: the same initial value on every rank and the
+        # same (all-reduced) gradient.
+        init_agents(self, self.class_end - self.class_start, embedding_size, scale, device, dtype)
         self.reset_parameters()
 
     # -- parameters ----------------------------------------------------------------------------
 
     def reset_parameters(self):
         # The distribution of NormFaceLoss's init (fan_in = D is the same for a shard).
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        self.agent_distortion.zero_()
-        self.distortion_seen.zero_()
+        reset_agents(self)
 
     @torch.no_grad()
     def load_full_weight(self, weight):

@@ -14,6 +14,28 @@ SCALE_INIT = 10.0
 SCALE_FLOOR = 0.01
 
 
+def init_agents(module, rows, embedding_size, scale, device, dtype):
+    """Give `module` its agents `weight` (rows, D), its `scale` (a parameter for "learn", else a
+    buffer) and the Proposition-3 distortion buffers; shared with the sharded loss."""
+    module.weight = nn.Parameter(torch.empty(rows, embedding_size, device=device, dtype=dtype))
+    if scale == "learn":
+        module.scale = nn.Parameter(torch.tensor(SCALE_INIT, device=device))
+    else:
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"scale must be 'learn' or a finite float, got {scale!r}")
+        module.register_buffer("scale", torch.tensor(float(scale), device=device))
+    module.register_buffer("agent_distortion", torch.zeros(rows, device=device))
+    module.register_buffer("distortion_seen",
+                           torch.zeros(rows, dtype=torch.bool, device=device))
+
+
+def reset_agents(module):
+    # Only the direction of each agent matters once normalized; a uniform init spreads them.
+    nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+    module.agent_distortion.zero_()
+    module.distortion_seen.zero_()
+
+
 class NormFaceLoss(nn.Module):
     """Loss over normalized features and class agents, for training embeddings.
 
@@ -62,24 +84,11 @@ class NormFaceLoss(nn.Module):
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
         self.distortion_momentum = float(distortion_momentum)
 
-        factory = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, **factory))
-        if scale == "learn":
-            self.scale = nn.Parameter(torch.tensor(SCALE_INIT, device=device))
-        else:
-            if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-                raise ValueError(f"scale must be 'learn' or a finite float, got {scale!r}")
-            self.register_buffer("scale", torch.tensor(float(scale), device=device))
-        self.register_buffer("agent_distortion", torch.zeros(num_classes, device=device))
-        self.register_buffer("distortion_seen", torch.zeros(num_classes, dtype=torch.bool,
-                                                            device=device))
+        init_agents(self, num_classes, embedding_size, scale, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self):
-        # Only the direction of each agent matters once normalized; a uniform init spreads them.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        self.agent_distortion.zero_()
-        self.distortion_seen.zero_()
+        reset_agents(self)
 
     @property
     def effective_scale(self):

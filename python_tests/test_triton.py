@@ -30,6 +30,7 @@ pytest.importorskip("triton", reason="the triton package is not installed")
 
 import normface_kernels as nk  # noqa: E402
 from normface_kernels import reference  # noqa: E402
+from conftest import SPEC_SETTINGS, make_inputs  # noqa: E402
 
 if not nk.has_triton():
     pytest.skip("the Triton ops did not register", allow_module_level=True)
@@ -46,29 +47,14 @@ def _require_extension():
     """Overrides conftest's check of the C++ extension: the Triton ops do not need it."""
 
 
-# The rows of SPEC.md's table (the same as conftest's, kept here to be self-sufficient).
-SETTINGS = {
-    "normface": dict(scale=10.0),
-    "cosface": dict(scale=30.0, m3=0.35),
-    "arcface": dict(scale=30.0, m2=0.5),
-    "sphereface_normalized": dict(scale=20.0, m1=4.0, lam=5.0),
-    "a_softmax_weight_only": dict(scale=1.0, m1=4.0, lam=5.0, normalize_features=False),
-    "l_softmax": dict(scale=1.0, m1=2.0, normalize_features=False, normalize_weight=False),
-    "plain_softmax": dict(scale=1.0, normalize_features=False, normalize_weight=False),
-    "l2_softmax_features_only": dict(scale=16.0, normalize_weight=False),
-    "combined_margins": dict(scale=24.0, m1=1.5, m2=0.2, m3=0.1),
-}
+SETTINGS = SPEC_SETTINGS
 _MARGIN_KEYS = ("m1", "m2", "m3", "lam", "normalize_features", "normalize_weight")
 
 
 def _inputs(B, C, D, dtype=torch.float32, seed=0, ignore=(), device=DEVICE):
-    g = torch.Generator().manual_seed(seed)
-    f = torch.randn(B, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    w = torch.randn(C, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    y = torch.randint(0, C, (B,), generator=g).to(device)
-    for i in ignore:
-        y[i] = -100
-    return f, w, y
+    """conftest's inputs, float32 on the test device, not requiring grad."""
+    return make_inputs(B, C, D, dtype=dtype, seed=seed, ignore=ignore, device=device,
+                       requires_grad=False)
 
 
 def _weights(n, seed, dtype=torch.float64, device=DEVICE):
