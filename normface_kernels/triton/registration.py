@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op
 
 from . import config
+from ..functional import _check_inputs
 from .agents import (c_contrastive, c_contrastive_backward, c_triplet_backward,
                      c_triplet_forward, center_loss, center_loss_backward)
 from .cosine_softmax_bwd import softmax_backward
@@ -41,29 +42,10 @@ def _tracing(*tensors):
 
 def _check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes,
                        scale=None):
-    if features.dim() != 2:
-        raise ValueError(f"features must be 2-D (B, D), got shape {tuple(features.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (C, D), got shape {tuple(weight.shape)}")
-    if labels.dim() != 1:
-        raise ValueError(f"labels must be 1-D (B,), got shape {tuple(labels.shape)}")
-    if features.shape[1] != weight.shape[1]:
-        raise ValueError(f"features and weight must have the same D, got features "
-                         f"{tuple(features.shape)} and weight {tuple(weight.shape)}")
-    if labels.shape[0] != features.shape[0]:
-        raise ValueError(f"labels must have one entry per row of features, got labels "
-                         f"{tuple(labels.shape)} and features {tuple(features.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one class (C > 0), got shape "
-                         f"{tuple(weight.shape)}")
+    # The public API's shape/dtype/device checks, plus the op's stricter int64 labels.
+    _check_inputs(features, weight, labels)
     if labels.dtype != torch.int64:
         raise ValueError(f"labels must be int64, got {labels.dtype}")
-    if not features.is_floating_point() or weight.dtype != features.dtype:
-        raise ValueError(f"features and weight must have the same floating dtype, got "
-                         f"{features.dtype} and {weight.dtype}")
-    if features.device != weight.device or labels.device != features.device:
-        raise ValueError(f"features, weight and labels must be on one device, got "
-                         f"{features.device}, {weight.device} and {labels.device}")
     C = weight.shape[0]
     n = C if num_classes < 0 else num_classes
     if not (class_start >= 0 and class_start + C <= n):
