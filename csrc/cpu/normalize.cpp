@@ -7,6 +7,14 @@ namespace normface {
 namespace cpu {
 namespace {
 
+// 1 / sqrt(sum x^2 + eps) of one row, accumulated in acc_t.
+template <typename acc_t, typename scalar_t>
+acc_t inv_norm(const scalar_t* row, int64_t dim, double eps) {
+  acc_t sum = 0;
+  for (int64_t d = 0; d < dim; ++d) sum += static_cast<acc_t>(row[d]) * static_cast<acc_t>(row[d]);
+  return acc_t(1) / std::sqrt(sum + static_cast<acc_t>(eps));
+}
+
 // x / sqrt(sum x^2 + eps), accumulated in opmath (float32 for half/bf16), stored in x's dtype.
 at::Tensor l2_normalize_cpu(const at::Tensor& x_in, double eps) {
   TORCH_CHECK(x_in.dim() >= 1, "x must have at least one dim, got a 0-dim tensor");
@@ -24,9 +32,7 @@ at::Tensor l2_normalize_cpu(const at::Tensor& x_in, double eps) {
     at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = xp + r * dim;
-        acc_t sum = 0;
-        for (int64_t d = 0; d < dim; ++d) sum += static_cast<acc_t>(row[d]) * static_cast<acc_t>(row[d]);
-        const acc_t inv = acc_t(1) / std::sqrt(sum + static_cast<acc_t>(eps));
+        const acc_t inv = inv_norm<acc_t>(row, dim, eps);
         for (int64_t d = 0; d < dim; ++d) op[r * dim + d] = static_cast<scalar_t>(static_cast<acc_t>(row[d]) * inv);
       }
     });
@@ -53,9 +59,7 @@ at::Tensor l2_normalize_backward_cpu(const at::Tensor& grad_in, const at::Tensor
     at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = xp + r * dim;
-        acc_t sum = 0;
-        for (int64_t d = 0; d < dim; ++d) sum += static_cast<acc_t>(row[d]) * static_cast<acc_t>(row[d]);
-        const acc_t inv = acc_t(1) / std::sqrt(sum + static_cast<acc_t>(eps));
+        const acc_t inv = inv_norm<acc_t>(row, dim, eps);
         normalize_backward_row(row, inv, gp + r * dim, inv, acc_t(0), dim, op + r * dim);
       }
     });
