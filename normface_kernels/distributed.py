@@ -53,7 +53,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import functional as F
-from .modules import AUX_LOSSES, LOSSES, SCALE_FLOOR, init_agents, reset_agents
+from .modules import (AUX_LOSSES, LOSSES, SCALE_FLOOR, init_agents, reset_agents,
+                      update_agent_distortion)
 
 EPS = 1e-12  # the eps of every norm (SPEC: sqrt(sum x^2 + eps))
 # Non-hardest C-triplet: agents per block are chosen so that a block has ~this many (B x block)
@@ -527,16 +528,8 @@ class ShardedNormFaceLoss(nn.Module):
         if not bool(is_local.any()):
             return
         y = labels_all[is_local] - start
-        buf = self.agent_distortion
-        d = _row_distance(f_all.detach()[is_local], self.weight.detach(), y).to(buf.dtype)
-        num = torch.zeros_like(buf).index_add_(0, y, d)
-        cnt = torch.zeros_like(buf).index_add_(0, y, torch.ones_like(d))
-        present = cnt > 0
-        batch_mean = num / cnt.clamp(min=1)
-        momentum = torch.where(self.distortion_seen, self.distortion_momentum, 0.0)
-        updated = momentum * self.agent_distortion + (1 - momentum) * batch_mean
-        self.agent_distortion.copy_(torch.where(present, updated, self.agent_distortion))
-        self.distortion_seen |= present
+        d = _row_distance(f_all.detach()[is_local], self.weight.detach(), y)
+        update_agent_distortion(self, y, d)
 
     def extra_repr(self):
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
@@ -615,7 +608,7 @@ def memory_table(num_classes=(1_000_000, 10_000_000, 100_000_000), world_sizes=(
 def print_memory_table(num_classes=(1_000_000, 10_000_000, 100_000_000), world_sizes=(8, 64), *,
                        embedding_size=512, file=None, **kwargs):
     """Print memory_table as a Markdown table (GiB per rank)."""
-    lines = [f"| classes | GPUs | weight | grad | optimizer | sampled | workspace | total |",
+    lines = ["| classes | GPUs | weight | grad | optimizer | sampled | workspace | total |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c, r, *gib in memory_table(num_classes, world_sizes, embedding_size=embedding_size,
                                    **kwargs):

@@ -36,6 +36,24 @@ def reset_agents(module):
     module.distortion_seen.zero_()
 
 
+@torch.no_grad()
+def update_agent_distortion(module, y, d):
+    """Proposition 3: per class, a moving average of the batch mean of d(f_i, W_y)^2.
+
+    y: (N,) row indices into module.weight of the samples' classes; d: (N,) their distances.
+    A class seen for the first time starts at its batch mean instead of decaying from 0.
+    """
+    buf = module.agent_distortion
+    num = torch.zeros_like(buf).index_add_(0, y, d.to(buf.dtype))
+    cnt = torch.zeros_like(buf).index_add_(0, y, torch.ones_like(d, dtype=buf.dtype))
+    present = cnt > 0
+    batch_mean = num / cnt.clamp(min=1)
+    momentum = torch.where(module.distortion_seen, module.distortion_momentum, 0.0)
+    updated = momentum * buf + (1 - momentum) * batch_mean
+    buf.copy_(torch.where(present, updated, buf))
+    module.distortion_seen |= present
+
+
 class NormFaceLoss(nn.Module):
     """Loss over normalized features and class agents, for training embeddings.
 
@@ -131,17 +149,7 @@ class NormFaceLoss(nn.Module):
         d = F.center_loss(features.detach(), self.weight.detach(), labels,
                           ignore_index=self.ignore_index, reduction="none", backend=self.backend)
         valid = labels != self.ignore_index
-        y = torch.where(valid, labels, torch.zeros_like(labels))
-        dtype = self.agent_distortion.dtype
-        num = torch.zeros_like(self.agent_distortion).index_add_(0, y, d.to(dtype) * valid)
-        cnt = torch.zeros_like(self.agent_distortion).index_add_(0, y, valid.to(dtype))
-        present = cnt > 0
-        batch_mean = num / cnt.clamp(min=1)
-        # A class seen for the first time starts at its batch mean instead of decaying from 0.
-        momentum = torch.where(self.distortion_seen, self.distortion_momentum, 0.0)
-        updated = momentum * self.agent_distortion + (1 - momentum) * batch_mean
-        self.agent_distortion.copy_(torch.where(present, updated, self.agent_distortion))
-        self.distortion_seen |= present
+        update_agent_distortion(self, labels[valid], d[valid])
 
     def forward(self, features, labels):
         loss = self._main_loss(features, labels)
