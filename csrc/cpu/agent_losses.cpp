@@ -37,15 +37,16 @@ std::vector<at::opmath_type<scalar_t>> upstream(const at::Tensor& grad_loss,
 // Per-row loops of the dense terms over one class block (row: <f~_i, W_j> on entry), compiled for
 // several vector widths (NF_SIMD_CLONES). The target column y is skipped (it is a sparse term).
 
-// sum_{j != y} relu(neg_margin - d_ij)
+// sum_{j != y} relu(bound - d_ij): the C-contrastive negatives (bound = neg_margin) and the
+// all-negatives C-triplet (bound = margin + d_iy).
 template <typename acc_t>
-NF_SIMD_CLONES acc_t contrastive_row_loss(const acc_t* row, int64_t n, int64_t y,
-                                          const acc_t* inv_nw, acc_t neg) {
+NF_SIMD_CLONES acc_t hinge_row_loss(const acc_t* row, int64_t n, int64_t y, const acc_t* inv_nw,
+                                    acc_t bound) {
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) {
     const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
-    s += j == y ? acc_t(0) : relu_nan(neg - d);
+    s += j == y ? acc_t(0) : relu_nan(bound - d);
   }
   return s;
 }
@@ -59,19 +60,6 @@ NF_SIMD_CLONES void contrastive_row_grad(acc_t* row, int64_t n, int64_t y, const
     const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
     row[j] = (j != y && neg - d > acc_t(0)) ? two_g * inv_nw[j] : acc_t(0);
   }
-}
-
-// sum_{k != y} relu(margin + d_iy - d_ik), base = margin + d_iy
-template <typename acc_t>
-NF_SIMD_CLONES acc_t triplet_row_loss(const acc_t* row, int64_t n, int64_t y,
-                                      const acc_t* inv_nw, acc_t base) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
-    s += j == y ? acc_t(0) : relu_nan(base - d);
-  }
-  return s;
 }
 
 // row <- 2 g [base - d_ik > 0] / ||W_k|| (0 at the target column); returns the active count.
@@ -105,7 +93,7 @@ at::Tensor contrastive_forward(const at::Tensor& features, const at::Tensor& wei
   walk_class_blocks(st, [&](int64_t t, int64_t i, int64_t j0, int64_t n, acc_t* row) {
     if (st.labels.ignored[i]) return;
     part[t * B + i] +=
-        contrastive_row_loss(row, n, st.labels.target[i] - j0, st.inv_nw.data() + j0, neg);
+        hinge_row_loss(row, n, st.labels.target[i] - j0, st.inv_nw.data() + j0, neg);
   }, [](int64_t, int64_t, int64_t, const at::Tensor&, const at::Tensor&) {});
   acc_t* lp = loss.data_ptr<acc_t>();
   for (int64_t i = 0; i < B; ++i) {
@@ -182,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_forward(const at::Tensor& features,
       part_idx[t * B + i] = best_j;
     } else {
       if (st.labels.target[i] < 0) return;  // target elsewhere: no d_iy, loss 0
-      part[t * B + i] += triplet_row_loss(row, n, y, inv_nw, margin + st.d_y[i]);
+      part[t * B + i] += hinge_row_loss(row, n, y, inv_nw, margin + st.d_y[i]);
     }
   }, [](int64_t, int64_t, int64_t, const at::Tensor&, const at::Tensor&) {});
   acc_t* lp = loss.data_ptr<acc_t>();
