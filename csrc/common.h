@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -51,6 +52,19 @@ NF_HOST_DEVICE void margin_target(T cos, T m1, T m2, T m3, T lam, T* t, T* dt_dc
   *dt_dcos = (lam + dpsi) / (T(1) + lam);
 }
 
+// The switch of the data checks (label range, finite scale): they read tensor data, a host-device
+// sync on CUDA tensors. Off (op normface::set_data_checks, Python normface_kernels.set_data_checks)
+// they are skipped on CUDA tensors, so a training step can be captured in a CUDA graph; CPU tensors
+// are always checked. With them off, a label outside [0, C) reads as a target in another shard.
+inline std::atomic<bool>& data_checks_flag() {
+  static std::atomic<bool> flag{true};
+  return flag;
+}
+
+inline bool data_checks_on(const at::Tensor& t) {
+  return t.is_cpu() || data_checks_flag().load(std::memory_order_relaxed);
+}
+
 inline int64_t resolve_num_classes(int64_t num_classes, const at::Tensor& weight) {
   return num_classes < 0 ? weight.size(0) : num_classes;
 }
@@ -84,7 +98,7 @@ inline void check_loss_inputs(const at::Tensor& features, const at::Tensor& weig
   TORCH_CHECK(class_start >= 0 && class_start + weight.size(0) <= n,
               "class_start/num_classes must describe a shard of the classes, got class_start ",
               class_start, ", num_classes ", n, " for weight ", weight.sizes());
-  if (labels.numel() > 0) {
+  if (labels.numel() > 0 && data_checks_on(labels)) {
     // One host sync: a label outside [0, num_classes) must raise, never index out of bounds.
     const at::Tensor bad = (labels != ignore_index) & ((labels < 0) | (labels >= n));
     TORCH_CHECK(!bad.any().item<bool>(), "labels must be in [0, ", n,
@@ -101,8 +115,10 @@ inline void check_scale(const at::Tensor& scale, const at::Tensor& features) {
   TORCH_CHECK(scale.device() == features.device() || scale.device().is_cpu(),
               "scale must be on the device of features (", features.device(), "), got ",
               scale.device());
-  TORCH_CHECK(std::isfinite(scale.item<double>()), "scale must be finite, got ",
-              scale.item<double>());
+  if (data_checks_on(scale)) {
+    const double value = scale.item<double>();
+    TORCH_CHECK(std::isfinite(value), "scale must be finite, got ", value);
+  }
 }
 
 }  // namespace normface

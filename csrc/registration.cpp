@@ -73,9 +73,15 @@ static at::Tensor cosine_logits_composite(const at::Tensor& features, const at::
   return cos * scale.to(cos.scalar_type());
 }
 
+// Returns the previous setting (common.h data_checks_flag).
+static bool set_data_checks(bool enabled) { return data_checks_flag().exchange(enabled); }
+
 }  // namespace normface
 
 TORCH_LIBRARY(normface, m) {
+  // Data checks (label range, finite scale) on CUDA tensors on/off; returns the previous setting.
+  m.def("set_data_checks(bool enabled) -> bool", &normface::set_data_checks);
+
   // Paper eq. 3: x / sqrt(sum x^2 + eps) along the last dim; eq. 4 is its backward.
   m.def("l2_normalize(Tensor x, float eps=1e-12) -> Tensor");
   m.def("l2_normalize_backward(Tensor grad, Tensor x, float eps) -> Tensor");

@@ -31,17 +31,19 @@ from .functional import (  # noqa: E402
     center_loss,
     cosine_logits,
     cosine_softmax,
+    data_checks_enabled,
     has_cuda_kernels,
     has_triton,
     l2_normalize,
     scale_for_loss,
+    set_data_checks,
     softmax_loss_bound,
 )
 from .modules import NormFaceLoss  # noqa: E402
 
 __all__ = [
     "BACKENDS", "NormFaceLoss", "c_contrastive", "c_triplet", "center_loss", "cosine_logits",
-    "cosine_softmax", "has_cuda_kernels", "has_triton", "l2_normalize", "scale_for_loss",
-    "softmax_loss_bound",
+    "cosine_softmax", "data_checks_enabled", "has_cuda_kernels", "has_triton", "l2_normalize",
+    "scale_for_loss", "set_data_checks", "softmax_loss_bound",
 ]
 __version__ = "0.1.0"

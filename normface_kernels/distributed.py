@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import functional as F
+from . import checks, functional as F
 from .modules import (AUX_LOSSES, LOSSES, SCALE_FLOOR, init_agents, reset_agents,
                       update_agent_distortion)
 
@@ -307,7 +307,7 @@ class ShardedNormFaceLoss(nn.Module):
         if backend == "reference":
             raise ValueError("backend='reference' cannot compute a shard of the classes; use "
                              "'auto', 'cpu', 'cuda' or 'triton'")
-        F._check_reduction(reduction)
+        checks.check_reduction(reduction)
         self.group = group
         self.rank, self.world_size = _rank_and_world(group)
         if embedding_size <= 0 or num_classes <= 0:
@@ -330,7 +330,7 @@ class ShardedNormFaceLoss(nn.Module):
         self.lam = float(lam)
         for name, value in (("m1", self.m1), ("m2", self.m2), ("m3", self.m3),
                             ("lam", self.lam)):
-            F._check_finite(name, value)
+            checks.check_finite(name, value)
         if self.m1 <= 0 or self.lam < 0:
             raise ValueError(f"m1 must be > 0 and lam >= 0, got m1={self.m1}, lam={self.lam}")
         self.normalize_features = bool(normalize_features)
@@ -434,13 +434,13 @@ class ShardedNormFaceLoss(nn.Module):
         return self.weight[index], op_labels, 0, elsewhere + 1
 
     def forward(self, local_features, local_labels):
-        labels = F._check_inputs(local_features, self.weight, local_labels)
+        labels = checks.check_inputs(local_features, self.weight, local_labels)
         op = self._ops(local_features.device)
         multiplier = float(self.world_size) if self.ddp_compensation else 1.0
         f_all, labels_all, _ = _gather_batch(local_features, labels, self.group, multiplier)
         valid = labels_all != self.ignore_index
         # Same data on every rank, so every rank raises together (never a hang).
-        F._check_labels_range(labels_all, self.num_classes, self.ignore_index)
+        checks.check_labels_range(labels_all, self.num_classes, self.ignore_index)
         weight, op_labels, start, ncls = self._sample_shard(labels_all, valid)
         shard = (self.ignore_index, start, ncls)
 
@@ -465,7 +465,7 @@ class ShardedNormFaceLoss(nn.Module):
         c_triplet with hardest_only=False (gathered in an extra round), else None."""
         d_y = None
         if self.loss == "softmax":
-            s = F._scale_tensor(self.effective_scale, f_all)
+            s = checks.scale_tensor(self.effective_scale, f_all)
             if s.requires_grad:
                 s = _copy_to_shards(s, self.group)
             loss_r, lse_r = op("cosine_softmax_forward")(

@@ -5,16 +5,16 @@ Shapes everywhere: features (B, D), weight (C, D), labels (B,) int64, scale floa
 per-sample losses (float32, float64 for float64 inputs) and the same gradients.
 """
 
-import math
+import functools
 import os
 
 import torch
 
-from . import reference
+from . import checks, reference
+from .checks import REDUCTIONS, data_checks_enabled, set_data_checks  # noqa: F401 (public)
 from .reference import reduce_loss, scale_for_loss, softmax_loss_bound  # noqa: F401 (public)
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
-REDUCTIONS = ("mean", "sum", "none")
 # Which GPU backend "auto" prefers when both are built, first wins. Triton first: it is the one
 # whose kernels are also exercised in CI (interpreter); revisit with the GPU benchmark results.
 AUTO_GPU_ORDER = ("triton", "cuda")
@@ -35,13 +35,24 @@ def has_cuda_kernels():
         "normface::cosine_softmax_forward", "CUDA")
 
 
-def has_triton():
-    """True when Triton imports and the Triton ops are registered."""
+@functools.lru_cache(maxsize=None)
+def _triton_status():
+    """(usable, why not): imports normface_kernels.triton once. Any failure -- triton missing or
+    too old, a kernel or op that fails to define or register -- makes the backend unavailable
+    with its reason, instead of an exception on every call of backend="auto"."""
     try:
         from . import triton as _nf_triton  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(torch.ops.normface, "triton_cosine_softmax_forward")
+    except Exception as error:  # noqa: BLE001 - any import/registration failure
+        return False, f"normface_kernels.triton failed to load ({type(error).__name__}: {error})"
+    if not hasattr(torch.ops.normface, "triton_cosine_softmax_forward"):
+        return False, "the Triton ops did not register"
+    return True, None
+
+
+def has_triton():
+    """True when Triton imports and the Triton ops are registered (False on any failure; the
+    reason is in the error of backend="triton")."""
+    return _triton_status()[0]
 
 
 def _triton_interpreted():
@@ -78,7 +89,7 @@ def resolve_backend(backend, device):
             raise ValueError(f"backend='cuda' needs CUDA tensors, got features on {device}")
     elif backend == "triton":
         if not has_triton():
-            raise _unavailable("triton", "the triton package is not installed (pip install triton)")
+            raise _unavailable("triton", _triton_status()[1])
         if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreted()):
             raise ValueError("backend='triton' needs CUDA tensors (or CPU tensors with "
                              f"TRITON_INTERPRET=1), got features on {device}")
@@ -90,90 +101,12 @@ def _op(name, backend):
     return getattr(torch.ops.normface, prefix + name)
 
 
-# ---------------------------------------------------------------------------------------------
-# Argument checks (SPEC "Bad input"): ValueError naming the argument, before any kernel runs.
-# ---------------------------------------------------------------------------------------------
-
-def _check_tensor(name, x, dim):
-    if not torch.is_tensor(x):
-        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
-    if x.dim() != dim:
-        shape = "(B, D)" if name == "features" else "(C, D)" if name == "weight" else "(B,)"
-        raise ValueError(f"{name} must be {dim}-D {shape}, got shape {tuple(x.shape)}")
-
-
-def _check_inputs(features, weight, labels=None):
-    _check_tensor("features", features, 2)
-    _check_tensor("weight", weight, 2)
-    if not features.is_floating_point():
-        raise ValueError(f"features must be a floating tensor, got {features.dtype}")
-    if weight.dtype != features.dtype:
-        raise ValueError(f"weight must have the dtype of features ({features.dtype}), "
-                         f"got {weight.dtype}")
-    if weight.device != features.device:
-        raise ValueError(f"weight must be on the device of features ({features.device}), "
-                         f"got {weight.device}")
-    if features.shape[1] != weight.shape[1]:
-        raise ValueError(f"features and weight must have the same D, got features "
-                         f"{tuple(features.shape)} and weight {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one class (C > 0), got shape "
-                         f"{tuple(weight.shape)}")
-    if labels is None:
-        return None
-    _check_tensor("labels", labels, 1)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor (int64), got {labels.dtype}")
-    if labels.shape[0] != features.shape[0]:
-        raise ValueError(f"labels must have one entry per row of features, got labels "
-                         f"{tuple(labels.shape)} and features {tuple(features.shape)}")
-    if labels.device != features.device:
-        raise ValueError(f"labels must be on the device of features ({features.device}), "
-                         f"got {labels.device}")
-    return labels.long()
-
-
-def _check_reduction(reduction):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def _check_labels_range(labels, num_classes, ignore_index):
-    """The reference backend's own label check (the C++ ops check inside the op)."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
-        raise ValueError(f"labels must be in [0, {num_classes}) or equal ignore_index "
-                         f"({ignore_index}); got {int(labels[bad][0])}")
-
-
-def _scale_tensor(scale, features):
-    """A float scale becomes a 0-dim tensor on features' device; a tensor is checked and kept."""
-    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
-    if torch.is_tensor(scale):
-        if scale.numel() != 1:
-            raise ValueError(f"scale must be a number or a 0-dim tensor, got shape "
-                             f"{tuple(scale.shape)}")
-        if not scale.is_floating_point():
-            raise ValueError(f"scale must be floating, got {scale.dtype}")
-        return scale.reshape(())
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise ValueError(f"scale must be a float or a 0-dim tensor, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return torch.tensor(float(scale), dtype=acc, device=features.device)
-
-
-def _check_finite(name, value):
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-
-
 def _prepare(features, weight, labels, ignore_index, reduction, backend):
-    labels = _check_inputs(features, weight, labels)
-    _check_reduction(reduction)
+    labels = checks.check_inputs(features, weight, labels)
+    checks.check_reduction(reduction)
     backend = resolve_backend(backend, features.device)
     if backend == "reference":
-        _check_labels_range(labels, weight.shape[0], ignore_index)
+        checks.check_labels_range(labels, weight.shape[0], ignore_index)
     return labels, backend
 
 
@@ -199,8 +132,8 @@ def cosine_logits(features, weight, scale=1.0, *, backend="auto"):
 
     features: (B, D), weight: (C, D). Differentiable in features, weight and a tensor scale.
     """
-    _check_inputs(features, weight)
-    s = _scale_tensor(scale, features)
+    checks.check_inputs(features, weight)
+    s = checks.scale_tensor(scale, features)
     backend = resolve_backend(backend, features.device)
     if backend == "reference":
         return reference.cosine_logits(features, weight, s).to(features.dtype)
@@ -221,12 +154,12 @@ def cosine_softmax(features, weight, labels, scale=30.0, *, m1=1.0, m2=0.0, m3=0
     """
     labels, backend = _prepare(features, weight, labels, ignore_index, reduction, backend)
     for name, value in (("m1", m1), ("m2", m2), ("m3", m3), ("lam", lam)):
-        _check_finite(name, value)
+        checks.check_finite(name, value)
     if m1 <= 0:
         raise ValueError(f"m1 must be > 0, got {m1}")
     if lam < 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
-    s = _scale_tensor(scale, features)
+    s = checks.scale_tensor(scale, features)
     margins = dict(m1=float(m1), m2=float(m2), m3=float(m3), lam=float(lam))
     if backend == "reference":
         if not bool(torch.isfinite(s)):
@@ -250,8 +183,8 @@ def c_contrastive(features, weight, labels, *, pos_margin=0.0, neg_margin=1.0, i
     features: (B, D), weight: (C, D) agents, labels: (B,). Returns 0-dim or (B,) float32.
     """
     labels, backend = _prepare(features, weight, labels, ignore_index, reduction, backend)
-    _check_finite("pos_margin", pos_margin)
-    _check_finite("neg_margin", neg_margin)
+    checks.check_finite("pos_margin", pos_margin)
+    checks.check_finite("neg_margin", neg_margin)
     if backend == "reference":
         loss = reference.c_contrastive(features, weight, labels, pos_margin=pos_margin,
                                        neg_margin=neg_margin, ignore_index=ignore_index)
@@ -269,7 +202,7 @@ def c_triplet(features, weight, labels, *, margin=0.8, hardest_only=True, center
     center=True adds d_iy ("C-triplet + center"). Returns 0-dim or (B,) float32.
     """
     labels, backend = _prepare(features, weight, labels, ignore_index, reduction, backend)
-    _check_finite("margin", margin)
+    checks.check_finite("margin", margin)
     if backend == "reference":
         loss = reference.c_triplet(features, weight, labels, margin=margin,
                                    hardest_only=hardest_only, center=center,

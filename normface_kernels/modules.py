@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from . import functional as F
+from . import checks, functional as F
 
 LOSSES = ("softmax", "c_contrastive", "c_triplet")
 AUX_LOSSES = (None, "c_contrastive", "center")
@@ -91,7 +91,7 @@ class NormFaceLoss(nn.Module):
             raise ValueError(f"margins must be (m1, m2, m3), got {margins!r}")
         if not 0.0 <= distortion_momentum < 1.0:
             raise ValueError(f"distortion_momentum must be in [0, 1), got {distortion_momentum}")
-        F._check_reduction(reduction)
+        checks.check_reduction(reduction)
         self.loss, self.aux, self.aux_weight = loss, aux, float(aux_weight)
         self.m1, self.m2, self.m3 = (float(m) for m in margins)
         self.lam = float(lam)

@@ -20,13 +20,12 @@ from types import SimpleNamespace
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import config
 from .cosine_softmax_bwd import MODE_CONTRASTIVE, MODE_TRIPLET, grad_features, grad_weight
 from .cosine_softmax_fwd import local_targets
 from .normalize import acc_dtype, row_norms, unit_backward
-from .tiles import dot_tile, launch, relu_nan, row_ids, target_cosines
+from .tiles import dot_tile, launch, relu_nan, row_ids, target_cosines, wrap_triton
 
 _NO_INDEX = 2 ** 62  # "no index yet" in the first-index-of-the-minimum reduction
 _NO_INDEX_TL = tl.constexpr(_NO_INDEX)

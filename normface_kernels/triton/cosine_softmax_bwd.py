@@ -26,12 +26,11 @@ of a tile whose |Gc| sums to at most the threshold (never a tile holding a NaN).
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import config
 from .cosine_softmax_fwd import softmax_rows
 from .normalize import unit_backward
-from .tiles import dot_tile, launch, row_ids, softmax_logits, softmax_scales
+from .tiles import dot_tile, launch, row_ids, softmax_logits, softmax_scales, wrap_triton
 
 MODE_SOFTMAX = 0
 MODE_CONTRASTIVE = 1  # Gc = 2g [thr - d > 0] off target, ty at the target
@@ -125,9 +124,9 @@ def _grad_features_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, s_ptr, yl_ptr, rp_ptr, g
         if FILTER:
             total = tl.sum(tl.abs(lhs))  # a NaN tile is never skipped
             if (total > filter_eps) | (total != total):
-                acc = tl.dot(lhs.to(IN), w, acc, input_precision=PRECISION)
+                acc = tl.dot(lhs.to(IN), w, acc, input_precision=PRECISION, out_dtype=ACC)
         else:
-            acc = tl.dot(lhs.to(IN), w, acc, input_precision=PRECISION)
+            acc = tl.dot(lhs.to(IN), w, acc, input_precision=PRECISION, out_dtype=ACC)
     if MODE == 0:
         if NORM_F:
             acc = acc * s
@@ -170,9 +169,11 @@ def _grad_weight_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, s_ptr, yl_ptr, rp_ptr, gw_
         if FILTER:
             total = tl.sum(tl.abs(lhs))
             if (total > filter_eps) | (total != total):
-                acc = tl.dot(tl.trans(lhs.to(IN)), f, acc, input_precision=PRECISION)
+                acc = tl.dot(tl.trans(lhs.to(IN)), f, acc, input_precision=PRECISION,
+                             out_dtype=ACC)
         else:
-            acc = tl.dot(tl.trans(lhs.to(IN)), f, acc, input_precision=PRECISION)
+            acc = tl.dot(tl.trans(lhs.to(IN)), f, acc, input_precision=PRECISION,
+                         out_dtype=ACC)
     if MODE == 0:
         if NORM_W:
             acc = acc * s

@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import config
 from .normalize import acc_dtype, row_norms
-from .tiles import dot_tile, launch, row_ids, softmax_logits, softmax_scales, target_cosines
+from .tiles import (dot_tile, launch, row_ids, softmax_logits, softmax_scales, target_cosines,
+                    wrap_triton)
 
 _MERGE_BLOCK = 64
 

@@ -8,11 +8,10 @@ grad f~ = s G W~, grad W~ = s G^T f~, grad_s = sum G cos = sum_i <(G W~)_i, f~_i
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import config
 from .normalize import acc_dtype, row_norms, unit_backward
-from .tiles import dot_tile, launch, row_ids
+from .tiles import dot_tile, launch, row_ids, wrap_triton
 
 
 @triton.jit

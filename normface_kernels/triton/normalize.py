@@ -9,10 +9,9 @@ Rows are the last dimension; everything is accumulated in float32 (float64 for f
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import config
-from .tiles import launch, row_ids
+from .tiles import launch, row_ids, wrap_triton
 
 _BLOCK_R = 16
 _BLOCK_D = 64

@@ -10,9 +10,18 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
 
 from . import config
+
+
+def wrap_triton(kernel):
+    """torch.library.wrap_triton (torch.compile traces the launch), but the kernel itself under
+    TRITON_INTERPRET=1: torch 2.11's wrap_triton rejects the interpreter's kernels (newer torch
+    passes them through). Keeps the name wrap_triton, which torch.library.triton_op looks for in
+    the op's source to find its kernels."""
+    if config.INTERPRET:
+        return kernel
+    return torch.library.wrap_triton(kernel)
 
 
 def launch(kernel, grid, *args, **kwargs):
@@ -38,7 +47,7 @@ def dot_tile(f_ptr, w_ptr, rows, cols, rmask, cmask, D, stride_fb, stride_fd, st
                     mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(w_ptr + ks[:, None] * stride_wd + cols[None, :] * stride_wc,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
     return acc
 
 
