@@ -129,10 +129,11 @@ def check_finite(name, value):
 
 
 def check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
-                    scale=None):
+                    scale=None, data=True):
     """The checks of a loss op called directly (torch.ops.normface.triton_*): the public API's
     shape/dtype/device checks, the op's stricter int64 labels, the shard arguments, and the data
-    checks (one host sync for both, skipped while tracing or switched off)."""
+    checks (one host sync for both, skipped while tracing or switched off, and with data=False:
+    a backward op, whose forward checked the same labels, makes no sync of its own)."""
     check_inputs(features, weight, labels)
     if labels.dtype != torch.int64:
         raise ValueError(f"labels must be int64, got {labels.dtype}")
@@ -149,7 +150,8 @@ def check_op_inputs(features, weight, labels, ignore_index, class_start, num_cla
         if scale.device != features.device and scale.device.type != "cpu":
             raise ValueError(f"scale must be on the device of features ({features.device}), "
                              f"got {scale.device}")
-    if not data_checks_on(features, weight, labels, *(() if scale is None else (scale,))):
+    if not data or not data_checks_on(features, weight, labels,
+                                      *(() if scale is None else (scale,))):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= n))
     flags = [bad.any()]

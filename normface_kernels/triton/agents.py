@@ -1,18 +1,19 @@
-"""Agent losses (paper section 4, eq. 10 and 11), d_ij = 2 - 2 cos_ij, both normalized always.
+"""Agent losses (paper section 4, eq. 10 and 11), d_ij = 2 - 2 cos_ij, both normalized always
+(docs/kernels.md "Agent losses").
 
-Forward: grid (row tiles, class splits) like the softmax forward; each program walks its class
-tiles (cosine tile from tl.dot, norms in the epilogue) and keeps per row either the sum of the
-hinges relu(thr_i - d_ij) over j != y (c_contrastive: thr = neg_margin; c_triplet all:
-thr = margin + d_iy) or the (min d, first index) of the nearest wrong agent (c_triplet hardest).
-The (splits, B) partials are merged in torch (a sum, or a min with the first index on ties).
-The target term d_iy is a B-length dot (tiles.target_cosines). center_loss needs only that.
+Forward: the row-stationary structure of the softmax forward (grid (row tiles, class splits)).
+Per row, the sum of the hinges relu(thr_i - d_ij) over j != y (c_contrastive: thr = neg_margin;
+c_triplet all: thr = margin + d_iy) and -- only when a gradient is needed -- the closed-form
+terms of grad_features: the count of active hinges and V_i = sum_{j active} W~_j (B, D), the
+second tl.dot. c_triplet hardest_only keeps the (min d, first index) of the nearest wrong agent.
+The (splits, B) partials are merged in torch (sums, or a min with the first index on ties).
 
-Backward: c_contrastive and c_triplet (all) use the tiled kernels of cosine_softmax_bwd (modes
-CONTRASTIVE / TRIPLET); c_triplet hardest and center_loss touch one or two rows of W per sample
-(kernels.md: no matmul) and are sparse gathers / index_add in torch, then eq. 4 (normalize).
+Backward: c_contrastive and c_triplet all: grad f~ in closed form from V (row_grad) and grad W
+from the class-stationary kernel (grad_weight, HINGE). c_triplet hardest_only and center_loss
+touch one or two rows of W per sample: a sparse backward, no GEMM, no (C, D) buffer.
 
-Shards (registration.cpp): c_contrastive sums the local negatives of a row whose target is in
-another shard; c_triplet gives it loss 0 (and still its hardest local negative); center_loss 0.
+Shards: c_contrastive sums the local negatives of a row whose target is in another shard;
+c_triplet gives it loss 0 (and still its hardest local negative); center_loss 0.
 """
 
 from types import SimpleNamespace
@@ -22,24 +23,30 @@ import triton
 import triton.language as tl
 
 from . import config
-from .cosine_softmax_bwd import MODE_CONTRASTIVE, MODE_TRIPLET, grad_features, grad_weight
-from .cosine_softmax_fwd import local_targets
-from .normalize import acc_dtype, row_norms, unit_backward
-from .tiles import dot_tile, launch, relu_nan, row_ids, target_cosines, wrap_triton
+from .grad_weight import HINGE, grad_weight
+from .normalize import row_norms
+from .row_grad import row_coefs, row_grad, sparse_weight_grad
+from .rows import agent_rows, local_targets, target_cosines
+from .tiles import cos_dot, launch, load_rows, relu_nan, row_ids, unit_distance, wrap_triton
 
 _NO_INDEX = 2 ** 62  # "no index yet" in the first-index-of-the-minimum reduction
 _NO_INDEX_TL = tl.constexpr(_NO_INDEX)
+# Rows of the saved statistics: ||f_i||, d_iy, and the count of active hinges (all negatives)
+# or the hardest hinge margin + d_iy - d_ik* (hardest_only).
+STATS = ("nf", "d_y", "aux")
 
 
 @triton.jit
-def _agent_partial_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, yl_ptr, thr_ptr, val_ptr, idx_ptr,
-                          B, C, D, stride_fb, stride_fd, stride_wc, stride_wd, tiles_per_split,
-                          HARDEST: tl.constexpr, TARGET_ONLY: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    ACC = val_ptr.dtype.element_ty
+def _agent_fwd_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, yl_ptr, thr_ptr, part_ptr, idx_ptr, v_ptr,
+                      B, C, D, stride_fb, stride_fd, stride_wc, stride_wd, tiles_per_split,
+                      HARDEST: tl.constexpr, TARGET_ONLY: tl.constexpr, GRAD: tl.constexpr,
+                      W_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    ACC = part_ptr.dtype.element_ty
+    IN = f_ptr.dtype.element_ty
     pid_s = tl.program_id(1)
     rows, rmask = row_ids(tl.program_id(0), B, BLOCK_M)
+    f = load_rows(f_ptr, rows, rmask, D, stride_fb, stride_fd, D_PAD)
     nf = tl.load(nf_ptr + rows, mask=rmask, other=1.0)
     yl = tl.load(yl_ptr + rows, mask=rmask, other=-2)
     thr = tl.load(thr_ptr + rows, mask=rmask, other=0.0)
@@ -48,16 +55,18 @@ def _agent_partial_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, yl_ptr, thr_ptr, val_ptr
     else:
         row_on = rmask & (yl != -2)
     total = tl.zeros((BLOCK_M,), ACC)
+    count = tl.zeros((BLOCK_M,), ACC)
     best = tl.full((BLOCK_M,), float("inf"), ACC)
     best_idx = tl.full((BLOCK_M,), -1, tl.int64)
+    v = tl.zeros((BLOCK_M, D_PAD), ACC)
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(C, BLOCK_N))
     for t in range(t0, t1):
         cols, cmask = row_ids(t, C, BLOCK_N)
+        w = load_rows(w_ptr, cols, cmask, D, stride_wc, stride_wd, D_PAD)
         nw = tl.load(nw_ptr + cols, mask=cmask, other=1.0)
-        dot = dot_tile(f_ptr, w_ptr, rows, cols, rmask, cmask, D, stride_fb, stride_fd,
-                       stride_wc, stride_wd, ACC, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        d = 2.0 - 2.0 * ((dot / nf[:, None]) / nw[None, :])
+        dot = cos_dot(f, w, ACC, PRECISION)
+        d = unit_distance(dot, nf[:, None], nw[None, :])
         neg = row_on[:, None] & cmask[None, :] & (cols[None, :] != yl[:, None])
         if HARDEST:
             # NaN wins (as torch.argmin): it becomes -inf for the search, NaN again in torch.
@@ -69,79 +78,92 @@ def _agent_partial_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, yl_ptr, thr_ptr, val_ptr
             best_idx = tl.where(better, first, best_idx)
             best = tl.where(better, tile_min, best)
         else:
-            total += tl.sum(tl.where(neg, relu_nan(thr[:, None] - d), 0.0), 1)
+            hinge = thr[:, None] - d
+            total += tl.sum(tl.where(neg, relu_nan(hinge), 0.0), 1)
+            if GRAD:
+                active = neg & (hinge > 0)
+                count += tl.sum(active.to(ACC), 1)
+                if W_UNIT:
+                    wu = (w.to(ACC) * (1.0 / nw)[:, None]).to(IN)
+                    v = tl.dot(active.to(IN), wu, v, input_precision=PRECISION, out_dtype=ACC)
+                else:
+                    v = tl.dot(tl.where(active, 1.0 / nw[None, :], 0.0).to(IN), w, v,
+                               input_precision=PRECISION, out_dtype=ACC)
     out = pid_s.to(tl.int64) * B + rows
+    n_part = tl.num_programs(1).to(tl.int64) * B
     if HARDEST:
-        tl.store(val_ptr + out, best, mask=rmask)
+        tl.store(part_ptr + out, best, mask=rmask)
         tl.store(idx_ptr + out, best_idx, mask=rmask)
     else:
-        tl.store(val_ptr + out, total, mask=rmask)
+        tl.store(part_ptr + out, total, mask=rmask)
+        if GRAD:
+            tl.store(part_ptr + n_part + out, count, mask=rmask)
+            ds = tl.arange(0, D_PAD)
+            tl.store(v_ptr + out[:, None] * D + ds[None, :], v,
+                     mask=rmask[:, None] & (ds < D)[None, :])
 
 
-def agent_rows(features, weight, labels, ignore_index, class_start):
-    """Norms, local targets and target distances d_iy (B + C floats)."""
-    nf = row_norms(features)
-    nw = row_norms(weight)
-    yl = local_targets(labels, ignore_index, class_start, weight.shape[0])
-    d_y = 2.0 - 2.0 * target_cosines(features, weight, yl, nf, nw)
-    return SimpleNamespace(nf=nf, nw=nw, yl=yl, has=yl >= 0, d_y=d_y,
-                           zero=torch.zeros((), dtype=nf.dtype, device=features.device))
-
-
-def _unit_rows(x, norms, index):
-    """x~ rows x[index] / ||x[index]|| (index clamped at 0; masked by the caller)."""
-    idx = index.clamp(min=0)
-    return x.index_select(0, idx).to(norms.dtype) / norms[idx][:, None]
-
-
-def _partials(features, weight, rows, thr, hardest, target_only):
+def _partials(features, weight, rows, thr, hardest, target_only, need_grad):
+    """Split partials: (values (splits, B), indices (splits, B) | None, count (B) | None,
+    V (B, D) | None)."""
     B, D = features.shape
     C = weight.shape[0]
-    blk = config.forward_blocks(features.dtype)
+    dev = features.device
+    grad = need_grad and not hardest
+    w_unit = grad and features.dtype == torch.float16
+    blk = config.forward_blocks(features.dtype, D, grad, w_unit)
     n_row_tiles = config.cdiv(B, blk.m)
-    splits, per_split = config.split_classes(n_row_tiles, config.cdiv(C, blk.n), 1,
-                                             features.device)
-    val = torch.empty((splits, B), dtype=rows.nf.dtype, device=features.device)
-    idx = torch.empty((splits, B) if hardest else (1,), dtype=torch.int64,
-                      device=features.device)
-    launch(wrap_triton(_agent_partial_kernel), (n_row_tiles, splits),
-        features, weight, rows.nf, rows.nw, rows.yl, thr, val, idx, B, C, D,
+    splits, per_split = config.split_classes(n_row_tiles, config.cdiv(C, blk.n), dev)
+    part = torch.empty((2, splits, B), dtype=rows.nf.dtype, device=dev)
+    idx = torch.empty((splits, B) if hardest else (1,), dtype=torch.int64, device=dev)
+    v_part = torch.empty((splits, B, D) if grad else (1,), dtype=rows.nf.dtype, device=dev)
+    launch(wrap_triton(_agent_fwd_kernel), (n_row_tiles, splits),
+        features, weight, rows.nf, rows.nw, rows.yl, thr, part, idx, v_part, B, C, D,
         features.stride(0), features.stride(1), weight.stride(0), weight.stride(1), per_split,
-        HARDEST=hardest, TARGET_ONLY=target_only, BLOCK_M=blk.m, BLOCK_N=blk.n, BLOCK_K=blk.k,
-        PRECISION=config.dot_precision(features.dtype, features.device),
+        HARDEST=hardest, TARGET_ONLY=target_only, GRAD=grad, W_UNIT=w_unit, BLOCK_M=blk.m,
+        BLOCK_N=blk.n, D_PAD=blk.d, PRECISION=config.dot_precision(features.dtype, dev),
         num_warps=blk.num_warps, num_stages=blk.num_stages)
-    return val, idx
+    if not grad:
+        return part[0], (idx if hardest else None), None, None
+    return part[0], None, part[1].sum(0), v_part.sum(0)
 
 
 def _relu_nan(x):
     return torch.where(x > 0, x, torch.where(x != x, x, torch.zeros_like(x)))
 
 
-def _empty_loss(features):
-    return torch.empty((features.shape[0],), dtype=acc_dtype(features.dtype),
-                       device=features.device)
+def _saved(rows, aux, v, D):
+    stats = torch.stack([rows.nf, rows.d_y, aux])
+    if v is None:
+        v = torch.empty((0, D), dtype=rows.nf.dtype, device=rows.nf.device)
+    return stats, v, rows.nw
 
 
-def c_contrastive(features, weight, labels, pos_margin, neg_margin, ignore_index, class_start):
-    if features.shape[0] == 0:
-        return _empty_loss(features)
+def c_contrastive_forward(features, weight, labels, pos_margin, neg_margin, ignore_index,
+                          class_start, need_grad):
+    """(loss (B,), stats (3, B), V (B, D) or (0, D), nw (C,))."""
+    B, D = features.shape
     rows = agent_rows(features, weight, labels, ignore_index, class_start)
     thr = torch.full_like(rows.nf, float(neg_margin))
-    val, _ = _partials(features, weight, rows, thr, hardest=False, target_only=False)
+    if B == 0:
+        return torch.empty_like(rows.nf), *_saved(rows, rows.nf, None, D)
+    val, _, count, v = _partials(features, weight, rows, thr, False, False, need_grad)
     target = torch.where(rows.has, _relu_nan(rows.d_y - pos_margin), rows.zero)
-    return torch.where(rows.yl != -2, val.sum(0) + target, rows.zero)
+    loss = torch.where(rows.yl != -2, val.sum(0) + target, rows.zero)
+    return loss, *_saved(rows, count if count is not None else torch.zeros_like(rows.nf), v, D)
 
 
 def c_triplet_forward(features, weight, labels, margin, hardest_only, center, ignore_index,
-                      class_start):
-    B = features.shape[0]
-    if B == 0:
-        return _empty_loss(features), torch.empty((0,), dtype=torch.int64,
-                                                  device=features.device)
+                      class_start, need_grad):
+    """(loss (B,), hardest (B,) int64 (-1: none / not hardest_only), stats (3, B), V, nw)."""
+    B, D = features.shape
     rows = agent_rows(features, weight, labels, ignore_index, class_start)
     thr = margin + rows.d_y
+    hardest = torch.full((B,), -1, dtype=torch.int64, device=features.device)
+    if B == 0:
+        return torch.empty_like(rows.nf), hardest, *_saved(rows, rows.nf, None, D)
     if hardest_only:
-        val, idx = _partials(features, weight, rows, thr, hardest=True, target_only=False)
+        val, idx, _, _ = _partials(features, weight, rows, thr, True, False, need_grad)
         # Merge the splits: the smallest key, and among the splits holding it the first index.
         best = val.min(0).values
         cand = torch.where((val == best[None, :]) & (idx >= 0), idx,
@@ -149,128 +171,119 @@ def c_triplet_forward(features, weight, labels, margin, hardest_only, center, ig
         hardest = cand.min(0).values
         hardest = torch.where(hardest == _NO_INDEX, torch.full_like(hardest, -1), hardest)
         d_min = torch.where(best == float("-inf"), torch.full_like(best, float("nan")), best)
-        loss = _relu_nan(thr - d_min)  # no negative at all: d_min = inf, loss 0
+        aux = thr - d_min  # no negative at all: d_min = inf, no hinge
+        loss = _relu_nan(aux)
+        v = None
     else:
-        val, _ = _partials(features, weight, rows, thr, hardest=False, target_only=True)
+        val, _, count, v = _partials(features, weight, rows, thr, False, True, need_grad)
         loss = val.sum(0)
-        hardest = torch.full((B,), -1, dtype=torch.int64, device=features.device)
+        aux = count if count is not None else torch.zeros_like(rows.nf)
     if center:
         loss = loss + rows.d_y
-    return torch.where(rows.has, loss, rows.zero), hardest
-
-
-def center_loss(features, weight, labels, ignore_index, class_start):
-    if features.shape[0] == 0:
-        return _empty_loss(features)
-    rows = agent_rows(features, weight, labels, ignore_index, class_start)
-    return torch.where(rows.has, rows.d_y, rows.zero)
+    loss = torch.where(rows.has, loss, rows.zero)
+    return loss, hardest, *_saved(rows, aux, v, D)
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward: Gc = dL/dcos (kernels.md "Agent losses"), then eq. 4 on both gradients.
+# Backward from the saved statistics (kernels.md "Agent losses"): Gc = dL/dcos, eq. 4 on both.
 # ---------------------------------------------------------------------------------------------
 
-def _sparse_add(rows, features, weight, gf_unit, gw_unit, coef, target):
-    """Gc_ik = coef_i at one class k = target_i per row: grad f~_i += coef_i W~_k and
-    grad W~_k += coef_i f~_i (rows with target < 0 or coef 0 add nothing)."""
-    on = (target >= 0)[:, None]
-    w_unit = _unit_rows(weight, rows.nw, target)
-    f_unit = features.to(rows.nf.dtype) / rows.nf[:, None]
-    gf_unit += torch.where(on, coef[:, None] * w_unit, rows.zero)
-    gw_unit.index_add_(0, target.clamp(min=0), torch.where(on, coef[:, None] * f_unit, rows.zero))
+def _upstream(grad_loss, yl, acc, target_only):
+    keep = yl >= 0 if target_only else yl != -2
+    g = torch.where(keep, grad_loss.to(acc), torch.zeros((), dtype=acc, device=yl.device))
+    return g, g != 0
 
 
-def _finish(features, weight, rows, gf_unit, gw_unit):
-    grad_f = unit_backward(gf_unit, features)
-    grad_w = unit_backward(gw_unit, weight)
+def _dense_backward(features, weight, yl, stats, v, nw, g, live, g_y, thr):
+    """grad f~_i = 2 g_i V_i + Gc_iy W~_y (closed form); grad W~ from the class-stationary
+    kernel with Gc_ij = 2 g_i [thr_i - d_ij > 0] (j != y) and Gc_iy at the target."""
+    nf = stats[0]
+    ys = yl.clamp(min=0).long()
+    zero = torch.zeros((), dtype=nf.dtype, device=nf.device)
+    grad_f = row_grad(features, weight, row_coefs(nf, 2.0 * g, g_y / nw[ys], 0.0, 0.0, live),
+                      yl, u=v)
+    table = torch.stack([torch.where(live, nf, torch.ones_like(nf)),
+                         torch.where(live, thr, zero), torch.where(live, 2.0 * g / nf, zero),
+                         torch.where(live, g_y / nf, zero)])
+    f_live = torch.where(live[:, None], features, torch.zeros((), dtype=features.dtype,
+                                                                 device=features.device))
+    one = torch.ones((), dtype=nf.dtype, device=nf.device)
+    grad_w = grad_weight(f_live, weight, nw, one, yl, table, HINGE, True, True)
     return grad_f, grad_w
 
 
-def _upstream(grad_loss, rows, target_only):
-    g = grad_loss.to(rows.nf.dtype)
-    keep = rows.has if target_only else rows.yl != -2
-    return torch.where(keep, g, rows.zero)
-
-
-def _empty_grads(features, weight):
-    return torch.zeros_like(features), torch.zeros_like(weight)
-
-
-def _tiled_backward(features, weight, rows, rp_features, rp_weight, mode):
-    """Both products with the tiled kernels (no target column handled outside)."""
-    C, D = weight.shape
-    ones = torch.ones((), dtype=rows.nf.dtype, device=features.device)
-    gf, racc = grad_features(features, weight, rows.nf, rows.nw, ones, rows.yl, rp_features,
-                             mode, True, True)
-    if rp_weight is None:
-        return gf, racc, None
-    grad_w = torch.empty((C, D), dtype=weight.dtype, device=weight.device)
-    grad_weight(features, weight, rows.nf, rows.nw, ones, rows.yl, rp_weight, mode, True, True,
-                grad_w)
-    return gf, racc, grad_w
-
-
-def c_contrastive_backward(grad_loss, features, weight, labels, pos_margin, neg_margin,
-                           ignore_index, class_start):
-    if features.shape[0] == 0 or features.shape[1] == 0:
-        return _empty_grads(features, weight)
-    rows = agent_rows(features, weight, labels, ignore_index, class_start)
-    g = _upstream(grad_loss, rows, target_only=False)
+def c_contrastive_backward(grad_loss, features, weight, labels, stats, v, nw, pos_margin,
+                           neg_margin, ignore_index, class_start):
+    yl = local_targets(labels, ignore_index, class_start, weight.shape[0])
+    g, live = _upstream(grad_loss, yl, stats.dtype, target_only=False)
+    d_y = stats[1]
     # Gc_ij = 2 g [neg_margin - d_ij > 0] (j != y), Gc_iy = -2 g [d_iy - pos_margin > 0].
-    g_y = torch.where(rows.has & (rows.d_y - pos_margin > 0), -2.0 * g, rows.zero)
-    rp = torch.stack([torch.full_like(g, float(neg_margin)), 2.0 * g, g_y])
-    gf, _, grad_w = _tiled_backward(features, weight, rows, rp, rp, MODE_CONTRASTIVE)
-    return unit_backward(gf, features), grad_w
+    g_y = torch.where((yl >= 0) & (d_y - pos_margin > 0), -2.0 * g, torch.zeros_like(g))
+    thr = torch.full_like(g, float(neg_margin))
+    return _dense_backward(features, weight, yl, stats, v, nw, g, live, g_y, thr)
 
 
-def c_triplet_backward(grad_loss, features, weight, labels, hardest, margin, hardest_only,
-                       center, ignore_index, class_start):
-    B, D = features.shape
-    if B == 0 or D == 0:
-        return _empty_grads(features, weight)
-    rows = agent_rows(features, weight, labels, ignore_index, class_start)
-    g = _upstream(grad_loss, rows, target_only=True)
-    acc = rows.nf.dtype
-    thr = margin + rows.d_y
+def c_triplet_backward(grad_loss, features, weight, labels, hardest, stats, v, nw, margin,
+                       hardest_only, center, ignore_index, class_start):
+    yl = local_targets(labels, ignore_index, class_start, weight.shape[0])
+    has = yl >= 0
+    g, live = _upstream(grad_loss, yl, stats.dtype, target_only=True)
+    nf, d_y, aux = stats
     center_term = 1.0 if center else 0.0
-    if hardest_only:
-        # Two rows of W per sample: Gc_iy = -2 g (active + center), Gc_ik* = 2 g active.
-        k = hardest.to(torch.int64)
-        d_k = 2.0 - 2.0 * target_cosines(features, weight, k, rows.nf, rows.nw)
-        active = rows.has & (k >= 0) & (thr - d_k > 0)
-        act = active.to(acc)
-        gf_unit = torch.zeros((B, D), dtype=acc, device=features.device)
-        gw_unit = torch.zeros(weight.shape, dtype=acc, device=features.device)
-        _sparse_add(rows, features, weight, gf_unit, gw_unit, -2.0 * g * (act + center_term),
-                    rows.yl)
-        _sparse_add(rows, features, weight, gf_unit, gw_unit, 2.0 * g * act,
-                    torch.where(active, k, torch.full_like(k, -1)))
-        return _finish(features, weight, rows, gf_unit, gw_unit)
-    # All negatives: Gc_ik = 2 g [margin + d_iy - d_ik > 0]; Gc_iy = -2 g (#active + center).
-    # The count comes out of the grad-features pass (its target column contributes 0 there),
-    # and the target column of grad f~ is added as a B-length gather afterwards.
-    zero_y = torch.zeros_like(g)
-    gf, count, _ = _tiled_backward(features, weight, rows, torch.stack([thr, 2.0 * g, zero_y]),
-                                   None, MODE_TRIPLET)
-    g_y = torch.where(rows.has, -2.0 * g * (count + center_term), rows.zero)
-    gf = gf + torch.where(rows.has[:, None], g_y[:, None] * _unit_rows(weight, rows.nw, rows.yl),
-                          rows.zero)
-    C = weight.shape[0]
-    grad_w = torch.empty((C, D), dtype=weight.dtype, device=weight.device)
-    ones = torch.ones((), dtype=acc, device=features.device)
-    grad_weight(features, weight, rows.nf, rows.nw, ones, rows.yl,
-                torch.stack([thr, 2.0 * g, g_y]), MODE_TRIPLET, True, True, grad_w)
-    return unit_backward(gf, features), grad_w
+    if not hardest_only:
+        # Gc_ik = 2 g [margin + d_iy - d_ik > 0]; Gc_iy = -2 g (#active + center).
+        g_y = torch.where(has, -2.0 * g * (aux + center_term), torch.zeros_like(g))
+        return _dense_backward(features, weight, yl, stats, v, nw, g, live, g_y, margin + d_y)
+    # Two rows of W per sample: Gc_iy = -2 g (active + center), Gc_ik* = 2 g active.
+    k = hardest.to(torch.int64)
+    active = has & (k >= 0) & (aux > 0)
+    act = active.to(g.dtype)
+    g_y = torch.where(has, -2.0 * g * (act + center_term), torch.zeros_like(g))
+    g_k = 2.0 * g * act
+    k = torch.where(active, k, torch.full_like(k, -1))
+    nw_y, nw_k = nw[yl.clamp(min=0).long()], nw[k.clamp(min=0)]
+    coef = row_coefs(nf, 0.0, g_y / nw_y, g_k / nw_k, 0.0, live)
+    grad_f = row_grad(features, weight, coef, yl, k)
+    grad_w = sparse_weight_grad(features, weight, nf, [(yl, g_y, nw_y), (k, g_k, nw_k)])
+    return grad_f, grad_w
+
+
+def hardest_hinge(features, weight, labels, hardest, margin, ignore_index, class_start):
+    """(stats, nw) of c_triplet hardest_only for a given hardest index (the backward op called
+    on its own): margin + d_iy - d_ik* from B-length dots."""
+    rows = agent_rows(features, weight, labels, ignore_index, class_start)
+    d_k = 2.0 - 2.0 * target_cosines(features, weight, hardest, rows.nf, rows.nw)
+    d_k = torch.where(hardest >= 0, d_k, torch.full_like(d_k, float("inf")))
+    return torch.stack([rows.nf, rows.d_y, margin + rows.d_y - d_k]), rows.nw
+
+
+# ---------------------------------------------------------------------------------------------
+# center_loss: d_iy only, B-length work in both directions (reads the B target rows of W).
+# ---------------------------------------------------------------------------------------------
+
+def _target_rows(features, weight, labels, ignore_index, class_start):
+    """Norms of f, of the target rows of W (gathered: never all C), targets and d_iy."""
+    yl = local_targets(labels, ignore_index, class_start, weight.shape[0])
+    ys = yl.clamp(min=0).long()
+    nf = row_norms(features)
+    w_y = weight.index_select(0, ys)
+    nw_y = row_norms(w_y)
+    rows = torch.arange(features.shape[0], dtype=torch.int32, device=features.device)
+    cos = target_cosines(features, w_y, torch.where(yl >= 0, rows, torch.full_like(rows, -1)),
+                         nf, nw_y)
+    return SimpleNamespace(yl=yl, has=yl >= 0, nf=nf, nw_y=nw_y, d_y=2.0 - 2.0 * cos)
+
+
+def center_loss(features, weight, labels, ignore_index, class_start):
+    t = _target_rows(features, weight, labels, ignore_index, class_start)
+    return torch.where(t.has, t.d_y, torch.zeros_like(t.d_y))
 
 
 def center_loss_backward(grad_loss, features, weight, labels, ignore_index, class_start):
-    B, D = features.shape
-    if B == 0 or D == 0:
-        return _empty_grads(features, weight)
-    rows = agent_rows(features, weight, labels, ignore_index, class_start)
-    g = _upstream(grad_loss, rows, target_only=True)
-    acc = rows.nf.dtype
-    gf_unit = torch.zeros((B, D), dtype=acc, device=features.device)
-    gw_unit = torch.zeros(weight.shape, dtype=acc, device=features.device)
-    _sparse_add(rows, features, weight, gf_unit, gw_unit, -2.0 * g, rows.yl)  # Gc_iy = -2 g
-    return _finish(features, weight, rows, gf_unit, gw_unit)
+    t = _target_rows(features, weight, labels, ignore_index, class_start)
+    g, live = _upstream(grad_loss, t.yl, t.nf.dtype, target_only=True)
+    g_y = -2.0 * g  # Gc_iy = -2 g
+    grad_f = row_grad(features, weight, row_coefs(t.nf, 0.0, g_y / t.nw_y, 0.0, 0.0, live), t.yl)
+    grad_w = sparse_weight_grad(features, weight, t.nf, [(t.yl, g_y, t.nw_y)])
+    return grad_f, grad_w
+

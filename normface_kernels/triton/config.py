@@ -1,8 +1,13 @@
-"""Block sizes and grid shapes of the Triton kernels, in one place.
+"""Block sizes, warps, stages and grid splits of every Triton kernel: functions of the input dtype
+and D only, in one place (the ahead-of-time compile check enumerates them through the launchers).
 
-On a GPU the tiles are sized for tensor cores (16-bit inputs) or TF32x3 (fp32 inputs); under
-TRITON_INTERPRET=1 (CPU, one program at a time) every block is 16 -- the smallest tl.dot accepts
--- so that the tests' tiny shapes still cross tile, split and D-chunk boundaries.
+Sizes were chosen by compiling for sm_90 with triton 3.6 and 3.8 (registers, spills and shared
+memory from ptxas; docs/kernels.md "Tiles"). The binding constraint is the fp32 accumulator
+that stays in registers for a whole loop: U (BLOCK_M x D) in the forward, grad W~ (BLOCK_N x D)
+in the class-stationary backward. At 8 warps a thread holds BLOCK x D / 256 of it: 128 registers
+at 64 x 512, which leaves just enough of the 255 for the rest. Under TRITON_INTERPRET=1 (CPU,
+one program at a time) every block is 16 -- the smallest tl.dot accepts -- so that the tests'
+tiny shapes cross tile and split boundaries.
 """
 
 import functools
@@ -13,56 +18,72 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Programs the split grids aim for: a few waves per SM (B = 1024 alone is 8-16 row tiles, far too
-# few for 132 SMs, so the class axis is split as well).
+# Programs the split grids aim for: a few waves per SM (B = 1024 is only 16 row tiles of 64,
+# far too few for 132 SMs, so the class axis is split as well).
 WAVES = 4
 # Under the interpreter: enough programs to exercise the split merge on tiny shapes.
 INTERPRET_PROGRAMS = 4
-# Largest D chunk of the backward accumulators ((BLOCK_N, D_CHUNK) fp32 in registers). A D that
-# fits one chunk lets the grad_W kernel apply eq. 4 in its epilogue.
-MAX_D_CHUNK = 256
-INTERPRET_D_CHUNK = 32
-
-# Gradient filtering (ml-cross-entropy's idea): a backward tile whose |dL/dcos| sums to at most
-# this is skipped before its two products. None = off (the default: exact, branch-free).
-# 0.0 skips only all-zero tiles (exact: e.g. ignored rows); a small positive value trades
-# exactness for speed. Set with normface_kernels.triton.set_grad_filter().
-GRAD_FILTER = None
+# Elements of a register accumulator per program (BLOCK x D_PAD), see the module docstring.
+ACC_ELEMENTS = 64 * 512
 
 
 class Blocks(NamedTuple):
     m: int          # rows of f per tile (BLOCK_M)
     n: int          # classes per tile (BLOCK_N)
-    k: int          # D step of the cosine dot (BLOCK_K)
-    d: int          # D chunk of the backward accumulators (D_CHUNK)
+    d: int          # D padded to a power of two (D_PAD): every tile holds whole rows
     num_warps: int
     num_stages: int
 
 
-def _next_pow2(x):
-    return 1 << max(0, int(x) - 1).bit_length()
+def d_pad(dim):
+    """D rounded up to a power of two, at least 16 (tl.dot's smallest K)."""
+    return max(16, 1 << max(0, int(dim) - 1).bit_length())
 
 
-def forward_blocks(dtype):
-    """Tiles of the forward (online logsumexp / agent reductions / logits)."""
+def _is16(dtype):
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def forward_blocks(dtype, dim, accumulate, w_unit=False):
+    """Row-stationary forward (softmax and agent losses): a (BLOCK_M, D) tile of f stays on chip
+    while (BLOCK_N, D) tiles of W stream through. `accumulate`: the (BLOCK_M, D) fp32 U (or V)
+    accumulator is kept (a gradient is needed). `w_unit`: fp16 with normalized W, whose tile is
+    also normalized in registers (docs/kernels.md "16-bit operands") and needs a narrower one."""
+    dp = d_pad(dim)
     if INTERPRET:
-        return Blocks(16, 16, 16, 16, 1, 1)
-    if dtype in (torch.float16, torch.bfloat16):
-        return Blocks(128, 128, 64, 64, 8, 3)
-    if dtype == torch.float32:
-        return Blocks(64, 128, 32, 32, 8, 3)
-    return Blocks(32, 32, 16, 16, 4, 2)  # float64: FMA dots
-
-
-def backward_blocks(dtype, dim):
-    """Tiles of the backward: a (BLOCK_M, BLOCK_N) recomputed tile plus a D-chunk accumulator."""
-    if INTERPRET:
-        return Blocks(16, 16, 16, INTERPRET_D_CHUNK, 1, 1)
+        return Blocks(16, 16, dp, 1, 1)
     if dtype == torch.float64:
-        return Blocks(32, 32, 16, min(max(_next_pow2(dim), 16), 64), 4, 2)
-    chunk = min(max(_next_pow2(dim), 16), MAX_D_CHUNK)
-    k = 64 if dtype in (torch.float16, torch.bfloat16) else 32
-    return Blocks(64, 64, k, chunk, 8 if chunk > 64 else 4, 2)
+        return Blocks(16, 16, dp, 4, 1)
+    if dtype == torch.float32:
+        m = max(16, min(64, ACC_ELEMENTS // 2 // dp))
+        return Blocks(m, 32 if dp <= 128 else 16, dp, 8 if m >= 32 else 4, 2)
+    if not accumulate:
+        return Blocks(128, 64 if dp <= 256 else 32, dp, 8, 3)
+    m = max(16, min(128, ACC_ELEMENTS // dp))
+    n = 64 if dp <= 128 else 32
+    if w_unit:
+        n = 32 if dp <= 128 else 16
+    return Blocks(m, n, dp, 8, 3)
+
+
+def grad_weight_blocks(dtype, dim):
+    """Class-stationary backward: a (BLOCK_N, D) tile of W and its fp32 grad W~ accumulator stay
+    on chip while (BLOCK_M, D) tiles of f stream through."""
+    dp = d_pad(dim)
+    if INTERPRET:
+        return Blocks(16, 16, dp, 1, 1)
+    if dtype == torch.float64:
+        return Blocks(16, 16, dp, 4, 1)
+    if dtype == torch.float32:
+        n = max(16, min(64, ACC_ELEMENTS // 2 // dp))
+        return Blocks(16 if dp > 128 else 32, n, dp, 8 if n >= 32 else 4, 1)
+    n = max(16, min(128, ACC_ELEMENTS // dp))
+    return Blocks(32 if dp > 128 else 64, n, dp, 8, 2)
+
+
+def row_blocks(dim):
+    """Row-wise kernels over (B, D) or (C, D): rows per program and the D step."""
+    return (16, 64) if not INTERPRET else (16, 16)
 
 
 def dot_precision(dtype, device):
@@ -76,24 +97,26 @@ def dot_precision(dtype, device):
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index):
+def sm_count(index):
+    """The one query of the GPU the launchers make (the ahead-of-time check answers it as its
+    target does): streaming multiprocessors of CUDA device `index`."""
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def target_programs(device):
     if INTERPRET or device.type != "cuda" or not torch.cuda.is_available():
         return INTERPRET_PROGRAMS
-    return WAVES * _sm_count(device.index if device.index is not None else 0)
+    return WAVES * sm_count(device.index if device.index is not None else 0)
 
 
 def cdiv(a, b):
     return (a + b - 1) // b
 
 
-def split_classes(n_row_tiles, n_class_tiles, other, device):
-    """(splits, tiles_per_split) so that row tiles x splits x other ~ target_programs, with no
-    empty split: every split gets at least one class tile."""
-    want = max(1, cdiv(target_programs(device), max(1, n_row_tiles * other)))
+def split_classes(n_row_tiles, n_class_tiles, device):
+    """(splits, tiles_per_split) so that row tiles x splits ~ target_programs, with no empty
+    split: every split gets at least one class tile."""
+    want = max(1, cdiv(target_programs(device), max(1, n_row_tiles)))
     splits = max(1, min(n_class_tiles, want))
     per_split = cdiv(n_class_tiles, splits)
     return cdiv(n_class_tiles, per_split), per_split

@@ -1,168 +1,176 @@
-"""cosine_softmax forward: online logsumexp over class tiles (docs/kernels.md), no (B, C) buffer.
+"""cosine_softmax forward: FlashAttention's forward with queries f and keys = values = W
+(docs/kernels.md "Forward"), 2 GEMM-equivalents, no (B, C) buffer.
 
-Grid (row tiles, class splits): each program walks the class tiles of its split, computes the
-(BLOCK_M, BLOCK_N) cosine tile with tl.dot from raw f and W, scales it in the epilogue
-(z = <f_i, W_j> s a_i / ||f_i|| * b_j / ||W_j||, target column replaced by z_iy) and folds it into
-a running (max, sum) pair. The (splits, B) partial pairs -- O(B * C / BLOCK_N) floats at most --
-are merged exactly by _lse_merge_kernel, which also forms the loss.
+Grid (row tiles, class splits). A (BLOCK_M, D) tile of f stays on chip; the (BLOCK_N, D) tiles
+of the split's classes stream through. Per tile: S = f W^T (tl.dot), z = (S cs_j) rs_i, the
+target column left out (it is the B-length z_iy, added in the merge), then the online update of
+the running max m_i and sum l_i over the negatives j != y_i and -- only when a gradient is
+needed -- of
+
+    U_i = sum_j e^(z_ij - m_i) b_j W~_j   (B, D), the second tl.dot: P (cs W) with the tile
+    R_i = sum_j e^(z_ij - m_i) b_j cos_ij
+
+_softmax_merge_kernel merges the (splits, B) partials exactly (flash-decoding), adds the target
+logit and forms loss, lse and the saved statistics of the closed-form backward:
+
+    p_iy = e^(z_iy - lse_i),  P_i = sum_{j != y} p_ij,  Ubar_i = U_i / sum,  Rbar_i = R_i / sum
 """
-
-import math
-from types import SimpleNamespace
 
 import torch
 import triton
 import triton.language as tl
 
 from . import config
-from .normalize import acc_dtype, row_norms
-from .tiles import (dot_tile, launch, row_ids, softmax_logits, softmax_scales, target_cosines,
-                    wrap_triton)
+from .normalize import acc_dtype
+from .rows import softmax_rows
+from .tiles import cos_dot, launch, load_rows, logit_factors, row_ids, wrap_triton
 
-_MERGE_BLOCK = 64
-
-
-@triton.jit
-def _online_update(m, l, z, cmask):
-    """Merge a tile of logits into the running (max, sum): l' = l e^(m - m') + sum e^(z - m').
-    The m' == m test keeps -inf - -inf out; a NaN z reaches l through exp (never lost in max)."""
-    m_new = tl.maximum(m, tl.max(z, 1))
-    alpha = tl.where(m_new == m, 1.0, tl.exp(m - m_new))
-    p = tl.where(cmask[None, :], tl.exp(z - m_new[:, None]), 0.0)
-    return m_new, l * alpha + tl.sum(p, 1)
+# Rows of the saved statistics (stats[k] is a (B,) vector), see softmax_forward.
+STATS = ("nf", "t", "dt", "zy", "p_neg", "p_y", "r_bar")
 
 
 @triton.jit
-def _lse_partial_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, s_ptr, yl_ptr, zy_ptr, m_ptr, l_ptr,
+def _softmax_fwd_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, s_ptr, yl_ptr, part_ptr, u_ptr,
                         B, C, D, stride_fb, stride_fd, stride_wc, stride_wd, tiles_per_split,
-                        NORM_F: tl.constexpr, NORM_W: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    ACC = m_ptr.dtype.element_ty
+                        NORM_F: tl.constexpr, NORM_W: tl.constexpr, GRAD: tl.constexpr,
+                        W_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    ACC = part_ptr.dtype.element_ty
+    IN = f_ptr.dtype.element_ty
     pid_s = tl.program_id(1)
     rows, rmask = row_ids(tl.program_id(0), B, BLOCK_M)
+    f = load_rows(f_ptr, rows, rmask, D, stride_fb, stride_fd, D_PAD)
     s = tl.load(s_ptr).to(ACC)
     nf = tl.load(nf_ptr + rows, mask=rmask, other=1.0)
     yl = tl.load(yl_ptr + rows, mask=rmask, other=-2)
-    zy = tl.load(zy_ptr + rows, mask=rmask, other=0.0)
     m = tl.full((BLOCK_M,), float("-inf"), ACC)
     l = tl.zeros((BLOCK_M,), ACC)
+    r = tl.zeros((BLOCK_M,), ACC)
+    u = tl.zeros((BLOCK_M, D_PAD), ACC)
     t0 = pid_s * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(C, BLOCK_N))
     for t in range(t0, t1):
         cols, cmask = row_ids(t, C, BLOCK_N)
+        w = load_rows(w_ptr, cols, cmask, D, stride_wc, stride_wd, D_PAD)
         nw = tl.load(nw_ptr + cols, mask=cmask, other=1.0)
-        rs, cs = softmax_scales(nf, nw, s, NORM_F, NORM_W)
-        dot = dot_tile(f_ptr, w_ptr, rows, cols, rmask, cmask, D, stride_fb, stride_fd,
-                       stride_wc, stride_wd, ACC, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        z = softmax_logits(dot, rs, cs, yl, zy, cols, cmask)
-        m, l = _online_update(m, l, z, cmask)
+        rs, cs = logit_factors(nf, nw, s, NORM_F, NORM_W)
+        dot = cos_dot(f, w, ACC, PRECISION)
+        neg = cmask[None, :] & (cols[None, :] != yl[:, None])
+        z = tl.where(neg, (dot * cs[None, :]) * rs[:, None], float("-inf"))
+        # Online update; the m_new == m test keeps -inf - -inf out. A NaN z reaches l through
+        # exp (a max may drop it, the sum never does).
+        m_new = tl.maximum(m, tl.max(z, 1))
+        alpha = tl.where(m_new == m, 1.0, tl.exp(m - m_new))
+        p = tl.where(neg, tl.exp(z - m_new[:, None]), 0.0)
+        l = l * alpha + tl.sum(p, 1)
+        if GRAD:
+            # b_j cos_ij = <f_i, W_j> cs_j / ||f_i||
+            r = r * alpha + tl.sum(p * ((dot * cs[None, :]) / nf[:, None]), 1)
+            if W_UNIT:
+                # fp16: cs_j in the operand could leave fp16's range; the W~ tile cannot.
+                wu = (w.to(ACC) * cs[:, None]).to(IN)
+                u = tl.dot(p.to(IN), wu, u * alpha[:, None], input_precision=PRECISION,
+                           out_dtype=ACC)
+            else:
+                # p <= 1 and cs_j in bf16 (fp32's exponent range), fp32 or fp64.
+                u = tl.dot((p * cs[None, :]).to(IN), w, u * alpha[:, None],
+                           input_precision=PRECISION, out_dtype=ACC)
+        m = m_new
     out = pid_s.to(tl.int64) * B + rows
-    tl.store(m_ptr + out, m, mask=rmask)
-    tl.store(l_ptr + out, l, mask=rmask)
+    n_part = tl.num_programs(1).to(tl.int64) * B
+    tl.store(part_ptr + out, m, mask=rmask)
+    tl.store(part_ptr + n_part + out, l, mask=rmask)
+    if GRAD:
+        tl.store(part_ptr + 2 * n_part + out, r, mask=rmask)
+        ds = tl.arange(0, D_PAD)
+        tl.store(u_ptr + out[:, None] * D + ds[None, :], u,
+                 mask=rmask[:, None] & (ds < D)[None, :])
 
 
 @triton.jit
-def _lse_merge_kernel(m_ptr, l_ptr, yl_ptr, zy_ptr, loss_ptr, lse_ptr, B, n_splits,
-                      BLOCK: tl.constexpr):
-    """lse = merge of the split pairs (same formula as the online update); loss_i = lse_i - z_iy
-    with a local target, lse_i with the target in another shard, 0 for ignored rows."""
-    ACC = m_ptr.dtype.element_ty
-    rows, rmask = row_ids(tl.program_id(0), B, BLOCK)
-    m = tl.full((BLOCK,), float("-inf"), ACC)
-    l = tl.zeros((BLOCK,), ACC)
-    for sp in range(0, n_splits):
-        offs = rows + sp * B  # (splits, B) with splits * B small
-        ms = tl.load(m_ptr + offs, mask=rmask, other=0.0)
-        ls = tl.load(l_ptr + offs, mask=rmask, other=1.0)
-        m_new = tl.maximum(m, ms)
-        l = (l * tl.where(m_new == m, 1.0, tl.exp(m - m_new))
-             + ls * tl.where(m_new == ms, 1.0, tl.exp(ms - m_new)))
-        m = m_new
-    lse = m + tl.log(l)
+def _softmax_merge_kernel(part_ptr, u_part_ptr, yl_ptr, zy_ptr, loss_ptr, lse_ptr, stats_ptr,
+                          u_ptr, B, D, n_splits, GRAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """Exact merge of the split partials and the target logit:
+    M = max(m_s, z_iy), L = sum_s l_s e^(m_s - M), lse = M + log(L + e^(z_iy - M));
+    loss = lse - z_iy with a local target, lse with the target in another shard, 0 ignored."""
+    ACC = part_ptr.dtype.element_ty
+    rows, rmask = row_ids(tl.program_id(0), B, BLOCK_R)
+    n_part = n_splits.to(tl.int64) * B
     yl = tl.load(yl_ptr + rows, mask=rmask, other=-2)
-    zy = tl.load(zy_ptr + rows, mask=rmask, other=0.0)
-    loss = tl.where(yl >= 0, lse - zy, tl.where(yl == -1, lse, 0.0))
+    has = yl >= 0
+    zy = tl.where(has, tl.load(zy_ptr + rows, mask=rmask, other=0.0), float("-inf"))
+    mx = zy
+    for sp in range(0, n_splits):
+        mx = tl.maximum(mx, tl.load(part_ptr + sp * B + rows, mask=rmask, other=0.0))
+    neg_sum = tl.zeros((BLOCK_R,), ACC)
+    r_sum = tl.zeros((BLOCK_R,), ACC)
+    for sp in range(0, n_splits):
+        ms = tl.load(part_ptr + sp * B + rows, mask=rmask, other=0.0)
+        scale = tl.where(ms == mx, 1.0, tl.exp(ms - mx))
+        neg_sum += scale * tl.load(part_ptr + n_part + sp * B + rows, mask=rmask, other=0.0)
+        if GRAD:
+            r_sum += scale * tl.load(part_ptr + 2 * n_part + sp * B + rows, mask=rmask,
+                                     other=0.0)
+    y_term = tl.where(has, tl.where(zy == mx, 1.0, tl.exp(zy - mx)), 0.0)
+    total = neg_sum + y_term
+    lse = mx + tl.log(total)
+    loss = tl.where(has, lse - zy, tl.where(yl == -1, lse, 0.0))
     tl.store(lse_ptr + rows, lse, mask=rmask)
     tl.store(loss_ptr + rows, loss, mask=rmask)
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-row pieces computed once (B values, fp32): local targets and the margin target t_i.
-# ---------------------------------------------------------------------------------------------
-
-COS_CLAMP = 1e-7
-
-
-def local_targets(labels, ignore_index, class_start, num_local):
-    """(B,) int64: local target class in [0, C), -1 if the target is in another shard, -2 if the
-    sample is ignored (kernels.md: y_local = y - class_start)."""
-    local = labels - class_start
-    here = (local >= 0) & (local < num_local)
-    yl = torch.where(here, local, torch.full_like(local, -1))
-    return torch.where(labels == ignore_index, torch.full_like(local, -2), yl)
-
-
-def margin_target(cos_y, m1, m2, m3, lam):
-    """t_i and dt_i/dcos_iy: csrc/common.h margin_target, elementwise over B values."""
-    lo, hi = -1.0 + COS_CLAMP, 1.0 - COS_CLAMP
-    c = cos_y.clamp(lo, hi)
-    inside = ((cos_y >= lo) & (cos_y <= hi)).to(cos_y.dtype)
-    if m1 == 1.0 and m2 == 0.0:
-        psi, dpsi = c - m3, inside
-    else:
-        theta = torch.arccos(c)
-        angle = m1 * theta + m2
-        k = torch.floor(angle / math.pi)
-        sign = 1.0 - 2.0 * (k - 2.0 * torch.floor(k / 2.0))  # (-1)^k
-        psi = sign * torch.cos(angle) - 2.0 * k - m3
-        dpsi = inside * sign * m1 * torch.sin(angle) / torch.sqrt(1.0 - c * c)
-    return (lam * cos_y + psi) / (1.0 + lam), (lam + dpsi) / (1.0 + lam)
-
-
-def softmax_rows(features, weight, labels, scale, m1, m2, m3, lam, normalize_features,
-                 normalize_weight, ignore_index, class_start):
-    """Norms (B + C floats) and the per-row target data shared by forward and backward."""
-    C = weight.shape[0]
-    nf = row_norms(features)
-    nw = row_norms(weight)
-    yl = local_targets(labels, ignore_index, class_start, C)
-    s = scale.detach().to(device=features.device, dtype=nf.dtype).reshape(())
-    has = yl >= 0
-    cos_y = target_cosines(features, weight, yl, nf, nw)
-    t, dt = margin_target(cos_y, m1, m2, m3, lam)
-    zero = torch.zeros_like(t)
-    a = torch.ones_like(nf) if normalize_features else nf
-    b_y = torch.ones_like(nf) if normalize_weight else nw[yl.clamp(min=0)]
-    return SimpleNamespace(
-        nf=nf, nw=nw, yl=yl, s=s, a=a, b_y=b_y,
-        t=torch.where(has, t, zero), dt=torch.where(has, dt, zero),
-        zy=torch.where(has, s * a * b_y * t, zero))  # z_iy = s a_i b_y t_i
+    if GRAD:
+        inv = 1.0 / total
+        tl.store(stats_ptr + rows, neg_sum * inv, mask=rmask)           # P_i
+        tl.store(stats_ptr + B + rows, y_term * inv, mask=rmask)        # p_iy
+        tl.store(stats_ptr + 2 * B + rows, r_sum * inv, mask=rmask)     # Rbar_i
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            dmask = rmask[:, None] & (ds < D)[None, :]
+            acc = tl.zeros((BLOCK_R, BLOCK_D), ACC)
+            for sp in range(0, n_splits):
+                ms = tl.load(part_ptr + sp * B + rows, mask=rmask, other=0.0)
+                scale = tl.where(ms == mx, 1.0, tl.exp(ms - mx)) * inv
+                offs = (sp * B + rows)[:, None] * D + ds[None, :]
+                acc += scale[:, None] * tl.load(u_part_ptr + offs, mask=dmask, other=0.0)
+            tl.store(u_ptr + rows[:, None] * D + ds[None, :], acc, mask=dmask)
 
 
 def softmax_forward(features, weight, labels, scale, m1, m2, m3, lam, normalize_features,
-                    normalize_weight, ignore_index, class_start):
+                    normalize_weight, ignore_index, class_start, need_grad):
+    """(loss (B,), lse (B,), stats (len(STATS), B), ubar (B, D) or (0, D), nw (C,)), all in the
+    accumulation dtype. stats and ubar are what the closed-form backward needs (kernels.md);
+    without need_grad only nf, t, dt and zy of stats are filled and U is not accumulated."""
     B, D = features.shape
     C = weight.shape[0]
     acc = acc_dtype(features.dtype)
-    loss = torch.empty((B,), dtype=acc, device=features.device)
-    lse = torch.empty((B,), dtype=acc, device=features.device)
+    dev = features.device
+    norm_f, norm_w = bool(normalize_features), bool(normalize_weight)
+    rows = softmax_rows(features, weight, labels, scale, m1, m2, m3, lam, norm_f, norm_w,
+                        ignore_index, class_start)
+    loss = torch.empty((B,), dtype=acc, device=dev)
+    lse = torch.empty((B,), dtype=acc, device=dev)
+    stats = torch.zeros((len(STATS), B), dtype=acc, device=dev)
+    ubar = torch.empty((B if need_grad else 0, D), dtype=acc, device=dev)
+    for name in ("nf", "t", "dt", "zy"):
+        stats[STATS.index(name)] = getattr(rows, name)
     if B == 0:
-        return loss, lse
-    rows = softmax_rows(features, weight, labels, scale, m1, m2, m3, lam, normalize_features,
-                       normalize_weight, ignore_index, class_start)
-    blk = config.forward_blocks(features.dtype)
+        return loss, lse, stats, ubar, rows.nw
+    w_unit = need_grad and norm_w and features.dtype == torch.float16
+    blk = config.forward_blocks(features.dtype, D, need_grad, w_unit)
     n_row_tiles = config.cdiv(B, blk.m)
-    splits, per_split = config.split_classes(n_row_tiles, config.cdiv(C, blk.n), 1,
-                                             features.device)
-    m_part = torch.empty((splits, B), dtype=acc, device=features.device)
-    l_part = torch.empty((splits, B), dtype=acc, device=features.device)
-    launch(wrap_triton(_lse_partial_kernel), (n_row_tiles, splits),
-        features, weight, rows.nf, rows.nw, rows.s, rows.yl, rows.zy, m_part, l_part,
+    splits, per_split = config.split_classes(n_row_tiles, config.cdiv(C, blk.n), dev)
+    part = torch.empty((3, splits, B), dtype=acc, device=dev)
+    u_part = torch.empty((splits, B, D) if need_grad else (1,), dtype=acc, device=dev)
+    launch(wrap_triton(_softmax_fwd_kernel), (n_row_tiles, splits),
+        features, weight, rows.nf, rows.nw, rows.s, rows.yl, part, u_part,
         B, C, D, features.stride(0), features.stride(1), weight.stride(0), weight.stride(1),
-        per_split, NORM_F=bool(normalize_features), NORM_W=bool(normalize_weight),
-        BLOCK_M=blk.m, BLOCK_N=blk.n, BLOCK_K=blk.k,
-        PRECISION=config.dot_precision(features.dtype, features.device),
+        per_split, NORM_F=norm_f, NORM_W=norm_w, GRAD=need_grad, W_UNIT=w_unit,
+        BLOCK_M=blk.m, BLOCK_N=blk.n, D_PAD=blk.d,
+        PRECISION=config.dot_precision(features.dtype, dev),
         num_warps=blk.num_warps, num_stages=blk.num_stages)
-    launch(wrap_triton(_lse_merge_kernel), (config.cdiv(B, _MERGE_BLOCK),),
-        m_part, l_part, rows.yl, rows.zy, loss, lse, B, splits, BLOCK=_MERGE_BLOCK)
-    return loss, lse
+    block_r, block_d = config.row_blocks(D)
+    first = STATS.index("p_neg")
+    launch(wrap_triton(_softmax_merge_kernel), (config.cdiv(B, block_r),),
+        part, u_part, rows.yl, rows.zy, loss, lse, stats[first:], ubar if need_grad else part,
+        B, D, splits, GRAD=need_grad, BLOCK_R=block_r, BLOCK_D=block_d)
+    return loss, lse, stats, ubar, rows.nw

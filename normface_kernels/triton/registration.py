@@ -1,8 +1,15 @@
-"""The Triton ops `normface::triton_<name>`: the schemas of csrc/registration.cpp (inferred from
-the annotations below), Triton kernels.
+"""The Triton ops `normface::triton_<name>` (schemas inferred from the annotations below).
 
-Each op checks its arguments (normface_kernels/checks.py: messages name the argument, SPEC "Bad
-input"), then calls the launcher of its kernel family.
+Two kinds of loss op (autograd and the composites are in autograd.py):
+- the training ops `triton_<loss>_train(..., need_grad) -> (loss..., saved...)` and their
+  `triton_<loss>_backward_saved(grads, inputs, saved..., params)`: the forward returns what the
+  closed-form backward needs (norms, target terms, U or V), so the backward never repeats the
+  forward's work (docs/kernels.md). need_grad=False skips the (B, D) accumulator.
+- the schemas of the C++ ops (csrc/registration.cpp): `triton_cosine_softmax_forward`,
+  `triton_c_contrastive`, `triton_c_triplet_forward` are composites over the training ops;
+  `triton_*_backward` take only the inputs, so they run the forward's statistics again.
+Each op checks its arguments first (normface_kernels/checks.py; SPEC "Bad input"); the backward
+ops skip the data checks (no host sync: their forward checked the same labels).
 """
 
 from typing import Tuple
@@ -12,16 +19,20 @@ from torch import Tensor
 from torch.library import triton_op
 
 from . import config
-from ..checks import check_op_inputs, check_per_sample, tracing
-from .agents import (c_contrastive, c_contrastive_backward, c_triplet_backward,
-                     c_triplet_forward, center_loss, center_loss_backward)
+from ..checks import check_op_inputs, check_per_sample, data_checks_on
+from .agents import (c_contrastive_backward, c_contrastive_forward, c_triplet_backward,
+                     c_triplet_forward, center_loss, center_loss_backward, hardest_hinge)
 from .cosine_softmax_bwd import softmax_backward
+from .cosine_softmax_fwd import STATS as SOFTMAX_STATS
 from .cosine_softmax_fwd import softmax_forward
+from .agents import STATS as AGENT_STATS
 from .logits import cosine_logits, cosine_logits_backward
 from .normalize import l2_normalize, l2_normalize_backward
 
 Tuple2 = Tuple[Tensor, Tensor]
 Tuple3 = Tuple[Tensor, Tensor, Tensor]
+Tuple4 = Tuple[Tensor, Tensor, Tensor, Tensor]
+Tuple5 = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _define(name):
@@ -39,8 +50,29 @@ def _define(name):
     return register
 
 
+def _check_saved(features, weight, **saved):
+    """The saved tensors a backward op receives: accumulation dtype, features' device, and the
+    shapes the forward produced ((k, B) statistics, (B, D) or (0, D) accumulator, (C,) norms)."""
+    B, D = features.shape
+    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    shapes = {"stats": None, "ubar": (B, D), "v": (B, D), "nw": (weight.shape[0],)}
+    for name, t in saved.items():
+        want = shapes[name]
+        ok = t.dim() == 2 and t.shape[1] == B if want is None else (
+            tuple(t.shape) == want or (name in ("ubar", "v") and tuple(t.shape) == (0, D)))
+        if not torch.is_tensor(t) or not ok or t.dtype != acc or t.device != features.device:
+            raise ValueError(f"{name} must be the forward's {acc} tensor on {features.device}"
+                             f"{'' if want is None else ' of shape ' + str(want)}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def _need_accumulator(name, t, features):
+    if features.shape[0] > 0 and t.shape[0] == 0:
+        raise ValueError(f"{name} is empty: the forward ran with need_grad=False")
+
+
 # ---------------------------------------------------------------------------------------------
-# l2_normalize (paper eq. 3 / 4)
+# l2_normalize (paper eq. 3 / 4), cosine_logits (inference, small C)
 # ---------------------------------------------------------------------------------------------
 
 @_define("normface::triton_l2_normalize")
@@ -57,10 +89,6 @@ def triton_l2_normalize_backward(grad: Tensor, x: Tensor, eps: float) -> Tensor:
                          f"{tuple(grad.shape)}")
     return l2_normalize_backward(grad, x, eps)
 
-
-# ---------------------------------------------------------------------------------------------
-# cosine_logits (inference, small C): its own autograd through the backward op below.
-# ---------------------------------------------------------------------------------------------
 
 def _check_logits(features, weight, scale):
     if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
@@ -87,38 +115,41 @@ def triton_cosine_logits_backward(grad: Tensor, features: Tensor, weight: Tensor
     return cosine_logits_backward(grad, features, weight, scale, eps)
 
 
-def _setup_logits(ctx, inputs, output):
-    features, weight, scale, eps = inputs
-    ctx.save_for_backward(features, weight, scale)
-    ctx.eps = eps
-
-
-def _backward_logits(ctx, grad):
-    features, weight, scale = ctx.saved_tensors
-    grad_f, grad_w, grad_s = torch.ops.normface.triton_cosine_logits_backward(
-        grad, features, weight, scale, ctx.eps)
-    needs = ctx.needs_input_grad
-    return (grad_f if needs[0] else None, grad_w if needs[1] else None,
-            grad_s if needs[2] else None, None)
-
-
-torch.library.register_autograd("normface::triton_cosine_logits", _backward_logits,
-                                setup_context=_setup_logits)
-
-
 # ---------------------------------------------------------------------------------------------
 # cosine_softmax (SPEC "one formula for the whole family")
 # ---------------------------------------------------------------------------------------------
 
-@_define("normface::triton_cosine_softmax_forward")
-def triton_cosine_softmax_forward(features: Tensor, weight: Tensor, labels: Tensor, scale: Tensor,
-                                  m1: float, m2: float, m3: float, lam: float,
-                                  normalize_features: bool, normalize_weight: bool,
-                                  ignore_index: int, class_start: int,
-                                  num_classes: int) -> Tuple2:
+@_define("normface::triton_cosine_softmax_train")
+def triton_cosine_softmax_train(features: Tensor, weight: Tensor, labels: Tensor, scale: Tensor,
+                                m1: float, m2: float, m3: float, lam: float,
+                                normalize_features: bool, normalize_weight: bool,
+                                ignore_index: int, class_start: int, num_classes: int,
+                                need_grad: bool) -> Tuple5:
+    """(loss, lse, stats (7, B), ubar (B, D) or (0, D), nw (C,)); see cosine_softmax_fwd."""
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes, scale)
     return softmax_forward(features, weight, labels, scale, m1, m2, m3, lam, normalize_features,
-                           normalize_weight, ignore_index, class_start)
+                           normalize_weight, ignore_index, class_start, need_grad)
+
+
+@_define("normface::triton_cosine_softmax_backward_saved")
+def triton_cosine_softmax_backward_saved(grad_loss: Tensor, grad_lse: Tensor, features: Tensor,
+                                         weight: Tensor, labels: Tensor, scale: Tensor,
+                                         lse: Tensor, stats: Tensor, ubar: Tensor, nw: Tensor,
+                                         m1: float, m2: float, m3: float, lam: float,
+                                         normalize_features: bool, normalize_weight: bool,
+                                         ignore_index: int, class_start: int,
+                                         num_classes: int) -> Tuple3:
+    check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes, scale,
+                    data=False)
+    for name, t in (("grad_loss", grad_loss), ("grad_lse", grad_lse), ("lse", lse)):
+        check_per_sample(name, t, features)
+    _check_saved(features, weight, stats=stats, ubar=ubar, nw=nw)
+    _need_accumulator("ubar", ubar, features)
+    if stats.shape[0] != len(SOFTMAX_STATS):
+        raise ValueError(f"stats must have {len(SOFTMAX_STATS)} rows, got {stats.shape[0]}")
+    return softmax_backward(grad_loss, grad_lse, features, weight, labels, scale, lse, stats,
+                            ubar, nw, normalize_features, normalize_weight, ignore_index,
+                            class_start)
 
 
 @_define("normface::triton_cosine_softmax_backward")
@@ -128,11 +159,16 @@ def triton_cosine_softmax_backward(grad_loss: Tensor, grad_lse: Tensor, features
                                    normalize_features: bool, normalize_weight: bool,
                                    ignore_index: int, class_start: int,
                                    num_classes: int) -> Tuple3:
+    """The C++ op's schema: runs the forward's statistics again (use the training op pair for
+    training). The given lse is used for nothing but its check."""
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes, scale)
     for name, t in (("grad_loss", grad_loss), ("grad_lse", grad_lse), ("lse", lse)):
         check_per_sample(name, t, features)
-    return softmax_backward(grad_loss, grad_lse, features, weight, labels, scale, lse, m1, m2,
-                            m3, lam, normalize_features, normalize_weight, ignore_index,
+    _, lse2, stats, ubar, nw = softmax_forward(
+        features, weight, labels, scale, m1, m2, m3, lam, normalize_features, normalize_weight,
+        ignore_index, class_start, True)
+    return softmax_backward(grad_loss, grad_lse, features, weight, labels, scale, lse2, stats,
+                            ubar, nw, normalize_features, normalize_weight, ignore_index,
                             class_start)
 
 
@@ -140,14 +176,28 @@ def triton_cosine_softmax_backward(grad_loss: Tensor, grad_lse: Tensor, features
 # Agent losses (paper section 4)
 # ---------------------------------------------------------------------------------------------
 
-@_define("normface::triton_c_contrastive")
-def triton_c_contrastive(features: Tensor, weight: Tensor, labels: Tensor,
-                         pos_margin: float = 0.0, neg_margin: float = 1.0,
-                         ignore_index: int = -100, class_start: int = 0,
-                         num_classes: int = -1) -> Tensor:
+@_define("normface::triton_c_contrastive_train")
+def triton_c_contrastive_train(features: Tensor, weight: Tensor, labels: Tensor,
+                               pos_margin: float, neg_margin: float, ignore_index: int,
+                               class_start: int, num_classes: int, need_grad: bool) -> Tuple4:
+    """(loss, stats (3, B), V (B, D) or (0, D), nw (C,)); see agents.py."""
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
-    return c_contrastive(features, weight, labels, pos_margin, neg_margin, ignore_index,
-                                class_start)
+    return c_contrastive_forward(features, weight, labels, pos_margin, neg_margin, ignore_index,
+                                 class_start, need_grad)
+
+
+@_define("normface::triton_c_contrastive_backward_saved")
+def triton_c_contrastive_backward_saved(grad_loss: Tensor, features: Tensor, weight: Tensor,
+                                        labels: Tensor, stats: Tensor, v: Tensor, nw: Tensor,
+                                        pos_margin: float, neg_margin: float, ignore_index: int,
+                                        class_start: int, num_classes: int) -> Tuple2:
+    check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
+                    data=False)
+    check_per_sample("grad_loss", grad_loss, features)
+    _check_saved(features, weight, stats=stats, v=v, nw=nw)
+    _need_accumulator("v", v, features)
+    return c_contrastive_backward(grad_loss, features, weight, labels, stats, v, nw, pos_margin,
+                                  neg_margin, ignore_index, class_start)
 
 
 @_define("normface::triton_c_contrastive_backward")
@@ -157,17 +207,53 @@ def triton_c_contrastive_backward(grad_loss: Tensor, features: Tensor, weight: T
                                   num_classes: int) -> Tuple2:
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
     check_per_sample("grad_loss", grad_loss, features)
-    return c_contrastive_backward(grad_loss, features, weight, labels, pos_margin,
-                                         neg_margin, ignore_index, class_start)
+    _, stats, v, nw = c_contrastive_forward(features, weight, labels, pos_margin, neg_margin,
+                                            ignore_index, class_start, True)
+    return c_contrastive_backward(grad_loss, features, weight, labels, stats, v, nw, pos_margin,
+                                  neg_margin, ignore_index, class_start)
 
 
-@_define("normface::triton_c_triplet_forward")
-def triton_c_triplet_forward(features: Tensor, weight: Tensor, labels: Tensor, margin: float,
-                             hardest_only: bool, center: bool, ignore_index: int,
-                             class_start: int, num_classes: int) -> Tuple2:
+@_define("normface::triton_c_triplet_train")
+def triton_c_triplet_train(features: Tensor, weight: Tensor, labels: Tensor, margin: float,
+                           hardest_only: bool, center: bool, ignore_index: int, class_start: int,
+                           num_classes: int, need_grad: bool) -> Tuple5:
+    """(loss, hardest, stats (3, B), V (B, D) or (0, D), nw (C,)); see agents.py."""
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
     return c_triplet_forward(features, weight, labels, margin, hardest_only, center,
-                                    ignore_index, class_start)
+                             ignore_index, class_start, need_grad)
+
+
+def _check_hardest(hardest, features, weight):
+    check_per_sample("hardest", hardest, features)
+    if hardest.dtype != torch.int64:
+        raise ValueError(f"hardest must be int64, got {hardest.dtype}")
+    if hardest.device != features.device:
+        raise ValueError(f"hardest must be on the device of features ({features.device}), "
+                         f"got {hardest.device}")
+    if data_checks_on(hardest) and hardest.numel() > 0:
+        C = weight.shape[0]
+        if bool(((hardest < -1) | (hardest >= C)).any()):
+            raise ValueError(f"hardest must be in [-1, {C}), got values outside")
+
+
+@_define("normface::triton_c_triplet_backward_saved")
+def triton_c_triplet_backward_saved(grad_loss: Tensor, features: Tensor, weight: Tensor,
+                                    labels: Tensor, hardest: Tensor, stats: Tensor, v: Tensor,
+                                    nw: Tensor, margin: float, hardest_only: bool, center: bool,
+                                    ignore_index: int, class_start: int,
+                                    num_classes: int) -> Tuple2:
+    check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
+                    data=False)
+    check_per_sample("grad_loss", grad_loss, features)
+    _check_saved(features, weight, stats=stats, v=v, nw=nw)
+    if stats.shape[0] != len(AGENT_STATS):
+        raise ValueError(f"stats must have {len(AGENT_STATS)} rows, got {stats.shape[0]}")
+    if hardest_only:
+        check_per_sample("hardest", hardest, features)
+    else:
+        _need_accumulator("v", v, features)
+    return c_triplet_backward(grad_loss, features, weight, labels, hardest, stats, v, nw, margin,
+                              hardest_only, center, ignore_index, class_start)
 
 
 @_define("normface::triton_c_triplet_backward")
@@ -178,15 +264,15 @@ def triton_c_triplet_backward(grad_loss: Tensor, features: Tensor, weight: Tenso
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
     check_per_sample("grad_loss", grad_loss, features)
     if hardest_only:
-        check_per_sample("hardest", hardest, features)
-        if hardest.dtype != torch.int64:
-            raise ValueError(f"hardest must be int64, got {hardest.dtype}")
-        if not tracing(hardest) and hardest.numel() > 0:
-            C = weight.shape[0]
-            if bool(((hardest < -1) | (hardest >= C)).any()):
-                raise ValueError(f"hardest must be in [-1, {C}), got values outside")
-    return c_triplet_backward(grad_loss, features, weight, labels, hardest, margin,
-                                     hardest_only, center, ignore_index, class_start)
+        _check_hardest(hardest, features, weight)
+        stats, nw = hardest_hinge(features, weight, labels, hardest, margin, ignore_index,
+                                  class_start)
+        v = stats.new_empty((0, features.shape[1]))
+    else:
+        _, hardest, stats, v, nw = c_triplet_forward(features, weight, labels, margin, False,
+                                                     center, ignore_index, class_start, True)
+    return c_triplet_backward(grad_loss, features, weight, labels, hardest, stats, v, nw, margin,
+                              hardest_only, center, ignore_index, class_start)
 
 
 @_define("normface::triton_center_loss")
@@ -201,7 +287,7 @@ def triton_center_loss(features: Tensor, weight: Tensor, labels: Tensor,
 def triton_center_loss_backward(grad_loss: Tensor, features: Tensor, weight: Tensor,
                                 labels: Tensor, ignore_index: int, class_start: int,
                                 num_classes: int) -> Tuple2:
-    check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
+    check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
+                    data=False)
     check_per_sample("grad_loss", grad_loss, features)
-    return center_loss_backward(grad_loss, features, weight, labels, ignore_index,
-                                       class_start)
+    return center_loss_backward(grad_loss, features, weight, labels, ignore_index, class_start)

@@ -1,9 +1,9 @@
-"""Triton helpers shared by the loss kernels (docs/kernels.md "Norms, once per call").
+"""Launch wrapper and the Triton helpers shared by the loss kernels (docs/kernels.md).
 
-Every loss kernel computes a tile of raw dot products <f_i, W_j> with tl.dot and applies the
-normalization in its epilogue: cos_ij = <f_i, W_j> / (||f_i|| ||W_j||). The norms are B + C floats
-computed once per call (normalize.row_norms); no normalized copy of f or W is ever written.
-Offsets are int64 throughout (row/column ids are widened before they meet a stride).
+Every loss kernel computes tiles of raw dot products <f_i, W_j> with tl.dot over the whole
+(padded) D and applies the norms in its epilogue: cos_ij = <f_i, W_j> / (||f_i|| ||W_j||). The
+norms are B + C floats computed once per forward; no normalized copy of f or W is ever written.
+Offsets are int64 wherever a row id meets a stride.
 """
 
 import torch
@@ -35,28 +35,45 @@ def launch(kernel, grid, *args, **kwargs):
 
 
 @triton.jit
-def dot_tile(f_ptr, w_ptr, rows, cols, rmask, cmask, D, stride_fb, stride_fd, stride_wc,
-             stride_wd, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) tile of <f_i, W_j> in the accumulation dtype; D in BLOCK_K steps."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        kmask = ks < D
-        a = tl.load(f_ptr + rows[:, None] * stride_fb + ks[None, :] * stride_fd,
-                    mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_ptr + ks[:, None] * stride_wd + cols[None, :] * stride_wc,
-                    mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC)
-    return acc
+def row_ids(pid, n, BLOCK: tl.constexpr):
+    """int64 ids [pid * BLOCK, pid * BLOCK + BLOCK) and their mask (ids < n; pid * BLOCK < n <
+    2^31, the ids are int64 before they meet any stride)."""
+    ids = tl.arange(0, BLOCK).to(tl.int64) + pid * BLOCK
+    return ids, ids < n
 
 
 @triton.jit
-def row_ids(pid, B, BLOCK: tl.constexpr):
-    """int64 ids [pid * BLOCK, pid * BLOCK + BLOCK) and their mask (pid * BLOCK < B < 2^31;
-    the ids are int64 before they meet any stride)."""
-    rows = tl.arange(0, BLOCK).to(tl.int64) + pid * BLOCK
-    return rows, rows < B
+def load_rows(ptr, ids, mask, D, stride_r, stride_d, D_PAD: tl.constexpr):
+    """(len(ids), D_PAD) tile of a 2-D tensor: whole rows, zero past D and outside `mask`."""
+    ds = tl.arange(0, D_PAD)
+    return tl.load(ptr + ids[:, None] * stride_r + ds[None, :] * stride_d,
+                   mask=mask[:, None] & (ds < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _tf32_split(x):
+    """x = hi + lo with hi exact in TF32 (10 mantissa bits kept, the rest truncated) and lo the
+    exact remainder; an inf/NaN x keeps its hi and a zero lo (as Triton's own TF32x3)."""
+    hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    lo = x - hi
+    return hi, tl.where(lo == lo, lo, 0.0)
+
+
+@triton.jit
+def cos_dot(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """a (M, D) and b (N, D) -> (M, N) of <a_m, b_n>, whole D at once, so that cos_dot(b, a) is
+    exactly the transpose of cos_dot(a, b): the class-stationary backward recomputes each logit
+    bit-identically to the row-stationary forward (SPEC "Bad input"). The tensor-core product of
+    one element does not depend on which operand is A; Triton's TF32x3 adds its two cross terms
+    in an order that does, so fp32 uses this symmetric split (hi.hi + (lo.hi + hi.lo))."""
+    if PRECISION == "tf32x3":
+        a_hi, a_lo = _tf32_split(a)
+        b_hi, b_lo = _tf32_split(b)
+        cross = (tl.dot(a_lo, tl.trans(b_hi), input_precision="tf32", out_dtype=ACC)
+                 + tl.dot(a_hi, tl.trans(b_lo), input_precision="tf32", out_dtype=ACC))
+        return tl.dot(a_hi, tl.trans(b_hi), input_precision="tf32", out_dtype=ACC) + cross
+    else:
+        return tl.dot(a, tl.trans(b), input_precision=PRECISION, out_dtype=ACC)
 
 
 @triton.jit
@@ -66,9 +83,10 @@ def relu_nan(x):
 
 
 @triton.jit
-def softmax_scales(nf, nw, s, NORM_F: tl.constexpr, NORM_W: tl.constexpr):
-    """Per-row and per-column factors of z = s a_i b_j cos_ij = <f_i, W_j> * rs_i * cs_j:
-    rs_i = s a_i / ||f_i|| (s / ||f_i|| or s), cs_j = b_j / ||W_j|| (1 / ||W_j|| or 1)."""
+def logit_factors(nf, nw, s, NORM_F: tl.constexpr, NORM_W: tl.constexpr):
+    """z_ij = s a_i b_j cos_ij = (<f_i, W_j> cs_j) rs_i with rs_i = s a_i / ||f_i|| (s / ||f_i||
+    or s) and cs_j = b_j / ||W_j|| (1 / ||W_j|| or 1). Forward and backward form z with exactly
+    this expression, (dot * cs) * rs, so that it is the same float in both."""
     if NORM_F:
         rs = s / nf
     else:
@@ -81,44 +99,7 @@ def softmax_scales(nf, nw, s, NORM_F: tl.constexpr, NORM_W: tl.constexpr):
 
 
 @triton.jit
-def softmax_logits(dot, rs, cs, yl, zy, cols, cmask):
-    """z tile (kernels.md): the target column replaced by z_iy, padding columns -inf. The same
-    expression in forward and backward, so p = exp(z - lse) is recomputed exactly."""
-    z = (dot * cs[None, :]) * rs[:, None]
-    z = tl.where(cols[None, :] == yl[:, None], zy[:, None], z)
-    return tl.where(cmask[None, :], z, float("-inf"))
-
-
-@triton.jit
-def _target_cos_kernel(f_ptr, w_ptr, yl_ptr, nf_ptr, nw_ptr, out_ptr, B, D, stride_fb, stride_fd,
-                       stride_wc, stride_wd, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """cos_iy = <f_i, W_y> / (||f_i|| ||W_y||) for rows with a local target (kernels.md "Target
-    logit": a B-length dot, not a column of the tile); 0 for the other rows."""
-    rows, rmask = row_ids(tl.program_id(0), B, BLOCK_R)
-    yl = tl.load(yl_ptr + rows, mask=rmask, other=-1)
-    has = rmask & (yl >= 0)
-    ys = tl.where(has, yl, 0).to(tl.int64)
-    ACC = nf_ptr.dtype.element_ty
-    dot = tl.zeros((BLOCK_R,), ACC)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-        mask = has[:, None] & (ds < D)[None, :]
-        f = tl.load(f_ptr + rows[:, None] * stride_fb + ds[None, :] * stride_fd, mask=mask,
-                    other=0.0).to(ACC)
-        w = tl.load(w_ptr + ys[:, None] * stride_wc + ds[None, :] * stride_wd, mask=mask,
-                    other=0.0).to(ACC)
-        dot += tl.sum(f * w, 1)
-    nf = tl.load(nf_ptr + rows, mask=has, other=1.0)
-    nw = tl.load(nw_ptr + ys, mask=has, other=1.0)
-    tl.store(out_ptr + rows, tl.where(has, dot / nf / nw, 0.0), mask=rmask)
-
-
-def target_cosines(features, weight, targets, nf, nw):
-    """(B,) cos(f_i, W_{targets_i}) for targets_i >= 0 (local class ids), 0 elsewhere."""
-    B, D = features.shape
-    out = torch.empty((B,), dtype=nf.dtype, device=features.device)
-    if B > 0:
-        launch(wrap_triton(_target_cos_kernel), (config.cdiv(B, 16),),
-            features, weight, targets, nf, nw, out, B, D, features.stride(0), features.stride(1),
-            weight.stride(0), weight.stride(1), BLOCK_R=16, BLOCK_D=64)
-    return out
+def unit_distance(dot, nf, nw):
+    """d_ij = ||f~_i - W~_j||^2 = 2 - 2 cos_ij of the agent losses, from a (rows, cols) tile of
+    <f_i, W_j>; the same expression in forward and backward (the hinges are recomputed)."""
+    return 2.0 - 2.0 * ((dot / nf) / nw)
