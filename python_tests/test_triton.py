@@ -1,10 +1,13 @@
 """Triton backend (normface_kernels/triton) against the reference: losses and every gradient.
 
 Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set below before
-anything imports the kernels): tiny shapes, fp32/fp16 (and fp64 for the margin edge cases; no
-bf16 arithmetic there). Interpreted blocks are 16 wide with D chunks of 32 (triton/config.py),
-so the shapes cross row-tile, class-tile, class-split and D-chunk boundaries: D = 20 fits one
-chunk (grad_W with the fused eq. 4 epilogue), D = 40 takes two (fp32 scratch, eq. 4 after).
+anything imports the kernels): tiny shapes, fp32/fp16 (and fp64 for the margin edge cases and
+the exactness tests; no bf16 arithmetic there). Interpreted blocks are 16 wide (triton/config.py),
+so the shapes cross row-tile, class-tile and class-split boundaries; fp64 takes the D-chunked
+cosine tile (16 wide) that fp32/fp64 use on a GPU, fp32/fp16 the whole-row tiles of 16-bit.
+The backward is the closed form of docs/kernels.md (grad features, scale and norms from the
+forward's U and R) plus the class-stationary grad_weight kernel: every test that differentiates
+checks both against the reference.
 The GPU tests at the end (realistic sizes, bf16/fp16 with STYLE.md's tolerance rule) need CUDA.
 Self-sufficient: needs neither conftest helpers nor the C++ extension.
 """
@@ -203,16 +206,28 @@ def test_softmax_odd_shapes(name, shape):
     _softmax_vs_reference(f, w, y, setting["scale"], setting)
 
 
-def test_softmax_public_api_reductions():
+@pytest.mark.parametrize("name", ["cosface", "l_softmax", "l2_softmax_features_only"])
+def test_softmax_public_api_reductions(name):
+    """Every reduction through the public API, values and gradients (features, weight and a
+    learned scale); a batch with every label ignored gives 0 and zero gradients."""
+    setting = SETTINGS[name]
     f, w, y = _inputs(6, 21, 18, ignore=(0, 3))
+    kw = {k: v for k, v in setting.items() if k != "scale"}
     for reduction in ("mean", "sum", "none"):
-        out = nk.cosine_softmax(f, w, y, 12.0, m3=0.2, reduction=reduction, backend="triton")
-        ref = nk.cosine_softmax(f, w, y, 12.0, m3=0.2, reduction=reduction,
-                                backend="reference")
-        _assert_close(out, ref, reduction, 1e-5, 1e-5)
+        out = []
+        for backend in ("triton", "reference"):
+            fx, wx = f.clone().requires_grad_(), w.clone().requires_grad_()
+            s = torch.tensor(setting["scale"], device=f.device, requires_grad=True)
+            loss = nk.cosine_softmax(fx, wx, y, s, reduction=reduction, backend=backend, **kw)
+            cot = _weights(loss.numel(), 3, torch.float32).reshape(loss.shape)
+            out.append((loss, *torch.autograd.grad((loss * cot).sum(), (fx, wx, s))))
+        for what, a, b in zip(("loss", "features", "weight", "scale"), *out):
+            _assert_close(a, b, f"{reduction} {what}", 2e-5, 2e-5)
     y_all = torch.full_like(y, -100)
-    out = nk.cosine_softmax(f, w, y_all, 12.0, backend="triton")
+    fx, wx = f.clone().requires_grad_(), w.clone().requires_grad_()
+    out = nk.cosine_softmax(fx, wx, y_all, 12.0, backend="triton")
     assert out.item() == 0.0
+    assert all(not g.any() for g in torch.autograd.grad(out, (fx, wx)))
 
 
 def _angle_features(w, y, theta, seed=0):
@@ -250,15 +265,19 @@ def test_sphereface_branches():
         _softmax_vs_reference(f, w, y, 20.0, dict(m1=4.0, lam=lam), rtol=1e-9, atol=1e-9)
 
 
-def test_softmax_class_shards():
+@pytest.mark.parametrize("name", ["combined_margins", "l_softmax", "a_softmax_weight_only",
+                                  "l2_softmax_features_only"])
+def test_softmax_class_shards(name):
     """Shards [0, 23) and [23, 50) of 50 classes (class_start / num_classes): their lse merge to
-    the full lse, the target logits sum to z_y, and the gradients through both outputs add up
-    to the full gradient."""
+    the full lse, the target logits sum to z_y, and the gradients through both outputs of both
+    shards (grad_lse everywhere, the target in one shard only) add up to the full gradient, in
+    every normalization mode."""
+    setting = SETTINGS[name]
     f, w, y = _inputs(7, 50, 24, ignore=(4,), seed=11)
     y[0], y[1] = 22, 23  # both sides of the boundary
-    margins = _margins(dict(m2=0.3, m3=0.1))
+    margins = _margins(setting)
     f, w = f.requires_grad_(), w.requires_grad_()
-    s = torch.tensor(16.0, requires_grad=True, device=f.device)
+    s = torch.tensor(setting["scale"], requires_grad=True, device=f.device)
     parts = [_softmax_op(f, w[a:b], y, s, class_start=a, num_classes=50, **margins)
              for a, b in ((0, 23), (23, 50))]
     lse = torch.logsumexp(torch.stack([p[1] for p in parts]), 0)
@@ -328,6 +347,144 @@ def test_exact_chunked_helper_matches_reference():
 
 
 # ---------------------------------------------------------------------------------------------
+# What the closed-form backward must keep exact: tiny gradients in fp16, huge logits in fp64,
+# ignored rows full of NaN, the forward's statistics, the accumulator only when needed
+# ---------------------------------------------------------------------------------------------
+
+def test_softmax_float16_gradients_below_subnormals():
+    """fp16 inputs whose per-element dL/dz (about 1e-9, like a mean over B = 1024 of p = 1e-6 at
+    C = 1M) lies below fp16's smallest subnormal (6e-8), with agents of norm 5e-4, so that
+    grad_weight is made of normal fp16 numbers: a kernel that rounds g p to fp16 loses every
+    negative class; ours keeps every gradient to fp16's own rounding of the exact value."""
+    f, w, y = _inputs(12, 40, 16, seed=21, ignore=(5,))
+    f = f.half()
+    w = (5e-4 * w / w.norm(dim=1, keepdim=True)).half()
+    g = torch.full((12,), 5e-8, dtype=torch.float64, device=f.device)
+    for setting in (dict(scale=30.0), dict(scale=64.0, m3=0.35)):
+        margins = _margins(setting)
+        fx, wx = f.clone().requires_grad_(), w.clone().requires_grad_()
+        s = torch.tensor(setting["scale"], device=f.device)
+        loss, _ = _softmax_op(fx, wx, y, s, **margins)
+        grads = torch.autograd.grad((loss.double() * g).sum(), (fx, wx))
+        f64, w64 = f.double().requires_grad_(), w.double().requires_grad_()
+        ref, _ = _reference_loss_lse(f64, w64, y, float(setting["scale"]), **margins)
+        # dL/dz = g (p - [j = y]): below fp16's smallest subnormal, most of it far below.
+        z = setting["scale"] * reference.cosine_logits(f64, w64).detach()
+        gp = g[:, None] * torch.softmax(z, dim=1)
+        assert gp.max().item() < 6e-8 and gp.median().item() < 6e-9
+        exact = torch.autograd.grad((ref * g).sum(), (f64, w64))
+        assert exact[1].abs().max().item() > 1e-4  # grad_weight: normal fp16 numbers
+        for what, got, want in zip(("features", "weight"), grads, exact):
+            rounding = (want.half().double() - want).abs()
+            err = (got.double() - want).abs()
+            bound = 2 * rounding + 1e-3 * want.abs().max()
+            assert (err <= bound).all(), f"{setting} grad {what}: {(err - bound).max().item()}"
+
+
+def test_softmax_float64_huge_logits_are_exact():
+    """Unnormalized rows of norm 1e8 (features and agents): logits around 1e16, so a recomputed
+    logit one ulp off the forward's would put e^(+-2) into the softmax. The backward recomputes
+    each logit bit-identically, so the float64 gradients are exact."""
+    f, w, y = _inputs(9, 37, 24, dtype=torch.float64, seed=5, ignore=(2,))
+    f = 1e8 * f / f.norm(dim=1, keepdim=True)
+    w = 1e8 * w / w.norm(dim=1, keepdim=True)
+    for setting in ("plain_softmax", "l_softmax"):
+        _softmax_vs_reference(f, w, y, 1.0, SETTINGS[setting], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss_name", ["softmax", "c_contrastive", "c_triplet_all",
+                                       "c_triplet_hardest", "center_loss"])
+def test_ignored_rows_with_nan_and_inf_contribute_nothing(loss_name):
+    """SPEC: a sample whose label is ignore_index contributes exactly nothing, even when its
+    features are NaN or inf: loss 0, its own gradient 0, and no NaN in grad_weight, grad_scale
+    or the other rows (all equal to the reference without those rows)."""
+    f, w, y = _inputs(20, 37, 20, seed=9, ignore=(1, 17))
+    bad = f.clone()
+    bad[1] = float("nan")
+    bad[17, 3] = float("inf")
+
+    def run(features, backend):
+        fx, wx = features.clone().requires_grad_(), w.clone().requires_grad_()
+        s = torch.tensor(16.0, device=f.device, requires_grad=True)
+        if loss_name == "softmax":
+            loss = nk.cosine_softmax(fx, wx, y, s, m2=0.3, reduction="none", backend=backend)
+            inputs = (fx, wx, s)
+        else:
+            fn, kwargs = AGENTS[loss_name]
+            loss = getattr(nk, fn)(fx, wx, y, reduction="none", backend=backend, **kwargs)
+            inputs = (fx, wx)
+        cot = _weights(20, 4, torch.float32)
+        return (loss, *torch.autograd.grad((loss * cot).sum(), inputs))
+
+    got = run(bad, "triton")
+    want = run(torch.where(torch.isfinite(bad), bad, torch.zeros_like(bad)), "reference")
+    for what, a, b in zip(("loss", "features", "weight", "scale"), got, want):
+        assert torch.isfinite(a).all(), f"{what}: a non-finite value leaked"
+        _assert_close(a, b, what, 2e-5, 2e-5)
+    assert not got[1][[1, 17]].any()
+
+
+def test_softmax_training_op_outputs():
+    """The training op's saved statistics are what docs/kernels.md says (norms, target terms,
+    P + p_y = 1, Ubar and Rbar against their definitions), the (B, D) accumulator is only made
+    when asked for, and its backward refuses a forward that did not make it."""
+    f, w, y = _inputs(9, 30, 20, seed=2, ignore=(4,))
+    y[2] = 29
+    s = torch.tensor(12.0)
+    margins = _margins(dict(m3=0.2))
+    params = (margins["m1"], margins["m2"], margins["m3"], margins["lam"], True, True, -100, 0,
+              -1)
+    loss, lse, stats, ubar, nw = ops.triton_cosine_softmax_train(f, w, y, s, *params, True)
+    st = dict(zip(nkt.cosine_softmax_fwd.STATS, stats))
+    f64, w64 = f.double(), w.double()
+    cols = torch.arange(30)
+    z, z_y, valid = _reference_logits(f64, w64, y, 12.0, cols, **margins)
+    p = torch.softmax(z, dim=1)
+    hit = (y[:, None] == cols[None, :]) & valid[:, None]
+    p_neg = torch.where(hit, torch.zeros_like(p), p)
+    w_unit = w64 / w64.norm(dim=1, keepdim=True)
+    cos = (f64 / f64.norm(dim=1, keepdim=True)) @ w_unit.t()
+    expected = {"nf": f64.norm(dim=1), "p_neg": p_neg.sum(1), "p_y": (p * hit).sum(1),
+                "r_bar": (p_neg * cos).sum(1), "zy": torch.where(valid, z_y, 0 * z_y)}
+    for name, want in expected.items():
+        _assert_close(st[name], want, name, 1e-5, 1e-6)
+    _assert_close(st["p_neg"] + st["p_y"], torch.where(valid, 1.0, st["p_neg"].double()), "P",
+                  1e-6, 1e-6)
+    _assert_close(ubar, p_neg @ w_unit, "Ubar", 1e-5, 1e-6)
+    _assert_close(nw, w64.norm(dim=1), "nw", 1e-6, 1e-6)
+    _, _, _, empty, _ = ops.triton_cosine_softmax_train(f, w, y, s, *params, False)
+    assert empty.shape == (0, 20)
+    g = torch.ones(9)
+    with pytest.raises(ValueError, match="need_grad"):
+        ops.triton_cosine_softmax_backward_saved(g, g, f, w, y, s, lse, stats, empty, nw,
+                                                 *params)
+    with torch.no_grad():  # the public op under no_grad: the same losses, no accumulator
+        _assert_close(_softmax_op(f, w, y, s, **margins)[0], loss, "no_grad loss", 0, 0)
+
+
+def test_backward_op_on_its_own_matches_the_training_pair():
+    """The C++-schema backward ops (inputs only, the forward's statistics recomputed) give the
+    gradients of the training op pair."""
+    f, w, y = _inputs(6, 25, 20, seed=4, ignore=(0,))
+    s = torch.tensor(9.0)
+    g, e = _weights(6, 1, torch.float32), _weights(6, 2, torch.float32) - 1.0
+    params = (1.0, 0.4, 0.0, 0.0, True, False, -100, 0, -1)
+    _, lse, stats, ubar, nw = ops.triton_cosine_softmax_train(f, w, y, s, *params, True)
+    pair = ops.triton_cosine_softmax_backward_saved(g, e, f, w, y, s, lse, stats, ubar, nw,
+                                                    *params)
+    alone = ops.triton_cosine_softmax_backward(g, e, f, w, y, s, lse, *params)
+    for a, b in zip(pair, alone):
+        _assert_close(a, b, "softmax backward", 0, 0)
+    loss, hardest, stats, v, nw = ops.triton_c_triplet_train(f, w, y, 0.8, True, True, -100, 0,
+                                                             -1, True)
+    pair = ops.triton_c_triplet_backward_saved(g, f, w, y, hardest, stats, v, nw, 0.8, True,
+                                               True, -100, 0, -1)
+    alone = ops.triton_c_triplet_backward(g, f, w, y, hardest, 0.8, True, True, -100, 0, -1)
+    for a, b in zip(pair, alone):
+        _assert_close(a, b, "c_triplet backward", 1e-6, 1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
 # Agent losses
 # ---------------------------------------------------------------------------------------------
 
@@ -385,16 +542,24 @@ def test_c_triplet_ties_pick_the_first_index():
 
 
 def test_agent_class_shards():
-    """c_contrastive and center_loss shards add up to the full loss; c_triplet gives a row whose
-    target is elsewhere loss 0 and its hardest local negative."""
+    """c_contrastive and center_loss shards add up to the full loss and the full gradients;
+    c_triplet gives a row whose target is elsewhere loss 0 and its hardest local negative."""
     f, w, y = _inputs(6, 45, 20, ignore=(2,), seed=13)
     y[0], y[1] = 19, 20
     bounds = ((0, 20), (20, 45))
+    cot = _weights(6, 7, torch.float32)
     for fn, op in (("c_contrastive", ops.triton_c_contrastive),
                    ("center_loss", ops.triton_center_loss)):
-        total = sum(op(f, w[a:b], y, ignore_index=-100, class_start=a, num_classes=45)
+        fx, wx = f.clone().requires_grad_(), w.clone().requires_grad_()
+        total = sum(op(fx, wx[a:b], y, ignore_index=-100, class_start=a, num_classes=45)
                     for a, b in bounds)
-        _assert_close(total, getattr(reference, fn)(f, w, y), fn, 2e-5, 2e-5)
+        grads = torch.autograd.grad((total * cot).sum(), (fx, wx))
+        fr, wr = f.clone().requires_grad_(), w.clone().requires_grad_()
+        ref = getattr(reference, fn)(fr, wr, y)
+        _assert_close(total, ref, fn, 2e-5, 2e-5)
+        for what, a, b in zip(("features", "weight"), grads,
+                              torch.autograd.grad((ref * cot).sum(), (fr, wr))):
+            _assert_close(a, b, f"{fn} grad {what}", 2e-5, 2e-5)
     for a, b in bounds:
         loss, hardest = ops.triton_c_triplet_forward(f, w[a:b], y, 0.8, True, False, -100, a, 45)
         here = (y >= a) & (y < b)
@@ -567,33 +732,6 @@ def test_torch_compile_fullgraph():
         results.append((loss, *torch.autograd.grad(loss, (fx, wx, s))))
     for what, a, b in zip(("loss", "features", "weight", "scale"), *results):
         _assert_close(a, b, f"compiled {what}", 1e-5, 1e-6)
-
-
-def test_gradient_filtering():
-    """Filter 0.0 skips only all-zero tiles (rows 0..15 ignored: a whole row tile) and is exact;
-    a positive filter is an approximation that still runs."""
-    f, w, y = _inputs(20, 40, 24, seed=8)
-    y[:16] = -100
-    f, w = f.requires_grad_(), w.requires_grad_()
-
-    def run():
-        loss = nk.cosine_softmax(f, w, y, 10.0, backend="triton")
-        return torch.autograd.grad(loss, (f, w))
-
-    base = run()
-    try:
-        nkt.set_grad_filter(0.0)
-        exact = run()
-        nkt.set_grad_filter(1e-3)
-        approx = run()
-    finally:
-        nkt.set_grad_filter(None)
-    for a, b in zip(base, exact):
-        assert torch.equal(a, b)
-    for a, b in zip(base, approx):
-        assert ((a - b).norm() / b.norm()).item() < 1e-2
-    with pytest.raises(ValueError):
-        nkt.set_grad_filter(-1.0)
 
 
 # ---------------------------------------------------------------------------------------------

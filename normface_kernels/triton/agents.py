@@ -27,7 +27,8 @@ from .grad_weight import HINGE, grad_weight
 from .normalize import row_norms
 from .row_grad import row_coefs, row_grad, sparse_weight_grad
 from .rows import agent_rows, local_targets, target_cosines
-from .tiles import cos_dot, launch, load_rows, relu_nan, row_ids, unit_distance, wrap_triton
+from .tiles import (cos_dot, cos_tile, launch, load_rows, relu_nan, row_ids, unit_distance,
+                    wrap_triton)
 
 _NO_INDEX = 2 ** 62  # "no index yet" in the first-index-of-the-minimum reduction
 _NO_INDEX_TL = tl.constexpr(_NO_INDEX)
@@ -41,12 +42,13 @@ def _agent_fwd_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, yl_ptr, thr_ptr, part_ptr, i
                       B, C, D, stride_fb, stride_fd, stride_wc, stride_wd, tiles_per_split,
                       HARDEST: tl.constexpr, TARGET_ONLY: tl.constexpr, GRAD: tl.constexpr,
                       W_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+                      CHUNK: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
     ACC = part_ptr.dtype.element_ty
     IN = f_ptr.dtype.element_ty
     pid_s = tl.program_id(1)
     rows, rmask = row_ids(tl.program_id(0), B, BLOCK_M)
-    f = load_rows(f_ptr, rows, rmask, D, stride_fb, stride_fd, D_PAD)
+    if CHUNK == D_PAD:
+        f = load_rows(f_ptr, rows, rmask, D, stride_fb, stride_fd, D_PAD)  # stays on chip
     nf = tl.load(nf_ptr + rows, mask=rmask, other=1.0)
     yl = tl.load(yl_ptr + rows, mask=rmask, other=-2)
     thr = tl.load(thr_ptr + rows, mask=rmask, other=0.0)
@@ -63,9 +65,15 @@ def _agent_fwd_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, yl_ptr, thr_ptr, part_ptr, i
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(C, BLOCK_N))
     for t in range(t0, t1):
         cols, cmask = row_ids(t, C, BLOCK_N)
-        w = load_rows(w_ptr, cols, cmask, D, stride_wc, stride_wd, D_PAD)
+        if GRAD or CHUNK == D_PAD:
+            w = load_rows(w_ptr, cols, cmask, D, stride_wc, stride_wd, D_PAD)
+        if CHUNK == D_PAD:
+            dot = cos_dot(f, w, ACC, PRECISION)
+        else:
+            dot = cos_tile(f_ptr, rows, rmask, stride_fb, stride_fd, w_ptr, cols, cmask,
+                           stride_wc, stride_wd, D, ACC, PRECISION, BLOCK_M, BLOCK_N, CHUNK,
+                           D_PAD)
         nw = tl.load(nw_ptr + cols, mask=cmask, other=1.0)
-        dot = cos_dot(f, w, ACC, PRECISION)
         d = unit_distance(dot, nf[:, None], nw[None, :])
         neg = row_on[:, None] & cmask[None, :] & (cols[None, :] != yl[:, None])
         if HARDEST:
@@ -121,7 +129,8 @@ def _partials(features, weight, rows, thr, hardest, target_only, need_grad):
         features, weight, rows.nf, rows.nw, rows.yl, thr, part, idx, v_part, B, C, D,
         features.stride(0), features.stride(1), weight.stride(0), weight.stride(1), per_split,
         HARDEST=hardest, TARGET_ONLY=target_only, GRAD=grad, W_UNIT=w_unit, BLOCK_M=blk.m,
-        BLOCK_N=blk.n, D_PAD=blk.d, PRECISION=config.dot_precision(features.dtype, dev),
+        BLOCK_N=blk.n, CHUNK=blk.k, D_PAD=blk.d,
+        PRECISION=config.dot_precision(features.dtype, dev),
         num_warps=blk.num_warps, num_stages=blk.num_stages)
     if not grad:
         return part[0], (idx if hardest else None), None, None

@@ -30,7 +30,8 @@ ACC_ELEMENTS = 64 * 512
 class Blocks(NamedTuple):
     m: int          # rows of f per tile (BLOCK_M)
     n: int          # classes per tile (BLOCK_N)
-    d: int          # D padded to a power of two (D_PAD): every tile holds whole rows
+    k: int          # D step of the cosine tile (CHUNK): d = whole rows on chip (16-bit)
+    d: int          # D padded to a power of two (D_PAD)
     num_warps: int
     num_stages: int
 
@@ -40,8 +41,13 @@ def d_pad(dim):
     return max(16, 1 << max(0, int(dim) - 1).bit_length())
 
 
-def _is16(dtype):
-    return dtype in (torch.float16, torch.bfloat16)
+def _chunk(dtype, dp):
+    """16-bit tiles hold whole rows (the tile of the stationary operand stays on chip); fp32 and
+    fp64 tiles of whole rows do not fit in registers, so their cosine tile is summed over D
+    chunks (tiles.cos_tile). The interpreter takes the chunked path for fp64 to test it."""
+    if dtype in (torch.float16, torch.bfloat16) or (INTERPRET and dtype != torch.float64):
+        return dp
+    return min(dp, 32 if dtype == torch.float32 and not INTERPRET else 16)
 
 
 def forward_blocks(dtype, dim, accumulate, w_unit=False):
@@ -50,35 +56,39 @@ def forward_blocks(dtype, dim, accumulate, w_unit=False):
     accumulator is kept (a gradient is needed). `w_unit`: fp16 with normalized W, whose tile is
     also normalized in registers (docs/kernels.md "16-bit operands") and needs a narrower one."""
     dp = d_pad(dim)
+    k = _chunk(dtype, dp)
     if INTERPRET:
-        return Blocks(16, 16, dp, 1, 1)
+        return Blocks(16, 16, k, dp, 1, 1)
     if dtype == torch.float64:
-        return Blocks(16, 16, dp, 4, 1)
+        return Blocks(16, 16, k, dp, 4 if dp <= 128 else 8, 1)
     if dtype == torch.float32:
-        m = max(16, min(64, ACC_ELEMENTS // 2 // dp))
-        return Blocks(m, 32 if dp <= 128 else 16, dp, 8 if m >= 32 else 4, 2)
+        return Blocks(max(16, min(64, ACC_ELEMENTS // 4 // dp)), 16, k, dp,
+                      4 if dp <= 128 else 8, 2)
     if not accumulate:
-        return Blocks(128, 64 if dp <= 256 else 32, dp, 8, 3)
+        return Blocks(128, 64 if dp <= 256 else 32, k, dp, 8, 3)
     m = max(16, min(128, ACC_ELEMENTS // dp))
     n = 64 if dp <= 128 else 32
     if w_unit:
         n = 32 if dp <= 128 else 16
-    return Blocks(m, n, dp, 8, 3)
+    return Blocks(m, n, k, dp, 8, 3)
 
 
 def grad_weight_blocks(dtype, dim):
     """Class-stationary backward: a (BLOCK_N, D) tile of W and its fp32 grad W~ accumulator stay
-    on chip while (BLOCK_M, D) tiles of f stream through."""
+    on chip while (BLOCK_M, D) tiles of f stream through. At 64 x 512 a BLOCK_M of 32 leaves
+    ptxas 0-8 bytes short of registers (3.6 / 3.8); 16 leaves a margin."""
     dp = d_pad(dim)
+    k = _chunk(dtype, dp)
     if INTERPRET:
-        return Blocks(16, 16, dp, 1, 1)
+        return Blocks(16, 16, k, dp, 1, 1)
     if dtype == torch.float64:
-        return Blocks(16, 16, dp, 4, 1)
+        return Blocks(16, 16, k, dp, 4 if dp <= 128 else 8, 1)
     if dtype == torch.float32:
-        n = max(16, min(64, ACC_ELEMENTS // 2 // dp))
-        return Blocks(16 if dp > 128 else 32, n, dp, 8 if n >= 32 else 4, 1)
-    n = max(16, min(128, ACC_ELEMENTS // dp))
-    return Blocks(32 if dp > 128 else 64, n, dp, 8, 2)
+        return Blocks(16, max(16, min(64, ACC_ELEMENTS // 4 // dp)), k, dp,
+                      4 if dp <= 128 else 8, 2)
+    if dp <= 128:
+        return Blocks(64, 128, k, dp, 8, 3)
+    return Blocks(16, max(16, min(128, ACC_ELEMENTS // dp)), k, dp, 8, 2)
 
 
 def row_blocks(dim):

@@ -23,7 +23,8 @@ import triton.language as tl
 from . import config
 from .normalize import acc_dtype
 from .rows import softmax_rows
-from .tiles import cos_dot, launch, load_rows, logit_factors, row_ids, wrap_triton
+from .tiles import (cos_dot, cos_tile, launch, load_rows, logit_factors, row_ids,
+                    wrap_triton)
 
 # Rows of the saved statistics (stats[k] is a (B,) vector), see softmax_forward.
 STATS = ("nf", "t", "dt", "zy", "p_neg", "p_y", "r_bar")
@@ -34,12 +35,13 @@ def _softmax_fwd_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, s_ptr, yl_ptr, part_ptr, u
                         B, C, D, stride_fb, stride_fd, stride_wc, stride_wd, tiles_per_split,
                         NORM_F: tl.constexpr, NORM_W: tl.constexpr, GRAD: tl.constexpr,
                         W_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+                        CHUNK: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
     ACC = part_ptr.dtype.element_ty
     IN = f_ptr.dtype.element_ty
     pid_s = tl.program_id(1)
     rows, rmask = row_ids(tl.program_id(0), B, BLOCK_M)
-    f = load_rows(f_ptr, rows, rmask, D, stride_fb, stride_fd, D_PAD)
+    if CHUNK == D_PAD:
+        f = load_rows(f_ptr, rows, rmask, D, stride_fb, stride_fd, D_PAD)  # stays on chip
     s = tl.load(s_ptr).to(ACC)
     nf = tl.load(nf_ptr + rows, mask=rmask, other=1.0)
     yl = tl.load(yl_ptr + rows, mask=rmask, other=-2)
@@ -51,10 +53,16 @@ def _softmax_fwd_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, s_ptr, yl_ptr, part_ptr, u
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(C, BLOCK_N))
     for t in range(t0, t1):
         cols, cmask = row_ids(t, C, BLOCK_N)
-        w = load_rows(w_ptr, cols, cmask, D, stride_wc, stride_wd, D_PAD)
+        if GRAD or CHUNK == D_PAD:
+            w = load_rows(w_ptr, cols, cmask, D, stride_wc, stride_wd, D_PAD)
+        if CHUNK == D_PAD:
+            dot = cos_dot(f, w, ACC, PRECISION)
+        else:
+            dot = cos_tile(f_ptr, rows, rmask, stride_fb, stride_fd, w_ptr, cols, cmask,
+                           stride_wc, stride_wd, D, ACC, PRECISION, BLOCK_M, BLOCK_N, CHUNK,
+                           D_PAD)
         nw = tl.load(nw_ptr + cols, mask=cmask, other=1.0)
         rs, cs = logit_factors(nf, nw, s, NORM_F, NORM_W)
-        dot = cos_dot(f, w, ACC, PRECISION)
         neg = cmask[None, :] & (cols[None, :] != yl[:, None])
         z = tl.where(neg, (dot * cs[None, :]) * rs[:, None], float("-inf"))
         # Online update; the m_new == m test keeps -inf - -inf out. A NaN z reaches l through
@@ -165,7 +173,7 @@ def softmax_forward(features, weight, labels, scale, m1, m2, m3, lam, normalize_
         features, weight, rows.nf, rows.nw, rows.s, rows.yl, part, u_part,
         B, C, D, features.stride(0), features.stride(1), weight.stride(0), weight.stride(1),
         per_split, NORM_F=norm_f, NORM_W=norm_w, GRAD=need_grad, W_UNIT=w_unit,
-        BLOCK_M=blk.m, BLOCK_N=blk.n, D_PAD=blk.d,
+        BLOCK_M=blk.m, BLOCK_N=blk.n, CHUNK=blk.k, D_PAD=blk.d,
         PRECISION=config.dot_precision(features.dtype, dev),
         num_warps=blk.num_warps, num_stages=blk.num_stages)
     block_r, block_d = config.row_blocks(D)

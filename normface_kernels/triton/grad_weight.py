@@ -33,12 +33,12 @@ import triton
 import triton.language as tl
 
 from . import config
-from .tiles import (cos_dot, launch, load_rows, logit_factors, row_ids, unit_distance,
-                    wrap_triton)
+from .tiles import (cos_dot, cos_tile, launch, load_rows, logit_factors, row_ids,
+                    unit_distance, wrap_triton)
 
 SOFTMAX, HINGE = 0, 1
 # fp16 headroom: A * 2^-k_j stays below 2^(HEADROOM + 1), far from fp16's 65504.
-_HEADROOM = 13.0
+_HEADROOM = tl.constexpr(13.0)
 
 
 @triton.jit
@@ -51,24 +51,31 @@ def _exponent(x):
 def _grad_weight_kernel(f_ptr, w_ptr, nw_ptr, s_ptr, yl_ptr, coef_ptr, gw_ptr, B, C, D,
                         stride_fb, stride_fd, stride_wc, stride_wd, MODE: tl.constexpr,
                         NORM_F: tl.constexpr, NORM_W: tl.constexpr, SCALE_EXP: tl.constexpr,
-                        BLOCK_N: tl.constexpr,
-                        BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+                        D_PAD: tl.constexpr, PRECISION: tl.constexpr):
     ACC = coef_ptr.dtype.element_ty
     IN = f_ptr.dtype.element_ty
     cols, cmask = row_ids(tl.program_id(0), C, BLOCK_N)
-    w = load_rows(w_ptr, cols, cmask, D, stride_wc, stride_wd, D_PAD)
+    if CHUNK == D_PAD:
+        w = load_rows(w_ptr, cols, cmask, D, stride_wc, stride_wd, D_PAD)  # stays on chip
     nw = tl.load(nw_ptr + cols, mask=cmask, other=1.0)
     s = tl.load(s_ptr).to(ACC)
     acc = tl.zeros((BLOCK_N, D_PAD), ACC)
     gcos = tl.zeros((BLOCK_N,), ACC)
     colb = tl.zeros((BLOCK_N,), ACC)
     k = tl.full((BLOCK_N,), -150.0, tl.float32)
+    cols32 = cols.to(tl.int32)  # yl is int32: the target test without 64-bit lanes
     for bt in range(0, tl.cdiv(B, BLOCK_M)):
         rows, rmask = row_ids(bt, B, BLOCK_M)
         f = load_rows(f_ptr, rows, rmask, D, stride_fb, stride_fd, D_PAD)
         yl = tl.load(yl_ptr + rows, mask=rmask, other=-2)
-        is_y = cols[:, None] == yl[None, :]
-        dot = cos_dot(w, f, ACC, PRECISION)  # (BLOCK_N, BLOCK_M)
+        is_y = cols32[:, None] == yl[None, :]
+        if CHUNK == D_PAD:
+            dot = cos_dot(w, f, ACC, PRECISION)  # (BLOCK_N, BLOCK_M)
+        else:
+            dot = cos_tile(w_ptr, cols, cmask, stride_wc, stride_wd, f_ptr, rows, rmask,
+                           stride_fb, stride_fd, D, ACC, PRECISION, BLOCK_N, BLOCK_M, CHUNK,
+                           D_PAD)
         if MODE == 0:
             nf = tl.load(coef_ptr + rows, mask=rmask, other=1.0)
             rs, cs = logit_factors(nf, nw, s, NORM_F, NORM_W)
@@ -86,7 +93,7 @@ def _grad_weight_kernel(f_ptr, w_ptr, nw_ptr, s_ptr, yl_ptr, coef_ptr, gw_ptr, B
             g2a = tl.load(coef_ptr + 2 * B + rows, mask=rmask, other=0.0)
             gya = tl.load(coef_ptr + 3 * B + rows, mask=rmask, other=0.0)
             d = unit_distance(dot, nf[None, :], nw[:, None])
-            active = (thr[None, :] - d > 0) & (cols[:, None] != yl[None, :])
+            active = (thr[None, :] - d > 0) & (cols32[:, None] != yl[None, :])
             a = tl.where(is_y, gya[None, :], tl.where(active, g2a[None, :], 0.0))
         gcos += tl.sum(a * dot, 1)
         if SCALE_EXP:
@@ -96,19 +103,22 @@ def _grad_weight_kernel(f_ptr, w_ptr, nw_ptr, s_ptr, yl_ptr, coef_ptr, gw_ptr, B
             k = k_new
             a = a * tl.exp2(-k)[:, None]
         acc = tl.dot(a.to(IN), f, acc, input_precision=PRECISION, out_dtype=ACC)
-    # Epilogue: eq. 4 as acc += diag(c) W (the W tile is read again: keeping the first copy
-    # alive through the loop costs more registers than the loop can spare).
+    # Epilogue: eq. 4, acc += c W. 16-bit: as one more tl.dot, diag(c) with the W tile read
+    # again (keeping the first copy alive through the loop, or an fp32 copy of the tile next to
+    # acc, costs more registers than the kernel can spare). fp32 / fp64 tiles are narrow: FMAs.
     c = (colb - gcos) / (nw * nw)
-    if SCALE_EXP:
-        c = c * tl.exp2(-k)
-        e = tl.where(c == 0, 0.0, _exponent(c))  # c in [1, 2) after this power of two
-        acc = acc * tl.exp2(-e)[:, None]
-        c = c * tl.exp2(-e)
-        k = k + e
     w2 = load_rows(w_ptr + 0 * B, cols, cmask, D, stride_wc, stride_wd, D_PAD)
-    eye = tl.arange(0, BLOCK_N)[:, None] == tl.arange(0, BLOCK_N)[None, :]
-    acc = tl.dot(tl.where(eye, c[:, None], 0.0).to(IN), w2, acc, input_precision=PRECISION,
-                 out_dtype=ACC)
+    if IN == tl.float16 or IN == tl.bfloat16:
+        if SCALE_EXP:
+            c = c * tl.exp2(-k)
+            e = tl.where(c == 0, 0.0, _exponent(c))  # c in [1, 2) after this power of two
+            acc = acc * tl.exp2(-e)[:, None]
+            c = c * tl.exp2(-e)
+            k = k + e
+        eye = tl.arange(0, BLOCK_N)[:, None] == tl.arange(0, BLOCK_N)[None, :]
+        acc = tl.dot(tl.where(eye, c[:, None], 0.0).to(IN), w2, acc, out_dtype=ACC)
+    else:
+        acc = acc + c[:, None] * w2.to(ACC)
     if NORM_W:
         out_scale = s / nw
     else:
@@ -135,7 +145,7 @@ def grad_weight(features_live, weight, nw, s, yl, coef, mode, normalize_features
         features_live, weight, nw, s, yl, coef, grad_w, B, C, D, features_live.stride(0),
         features_live.stride(1), weight.stride(0), weight.stride(1), MODE=mode,
         NORM_F=bool(normalize_features), NORM_W=bool(normalize_weight), SCALE_EXP=weight.dtype == torch.float16,
-        BLOCK_N=blk.n, BLOCK_M=blk.m, D_PAD=blk.d,
+        BLOCK_N=blk.n, BLOCK_M=blk.m, CHUNK=blk.k, D_PAD=blk.d,
         PRECISION=config.dot_precision(weight.dtype, weight.device),
         num_warps=blk.num_warps, num_stages=blk.num_stages)
     return grad_w

@@ -11,22 +11,22 @@ import triton.language as tl
 
 from . import config
 from .normalize import acc_dtype, row_norms, unit_backward
-from .tiles import cos_dot, launch, load_rows, row_ids, wrap_triton
+from .tiles import cos_tile, launch, row_ids, wrap_triton
 
 
 @triton.jit
 def _cosine_logits_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, s_ptr, out_ptr, B, C, D, stride_fb,
                           stride_fd, stride_wc, stride_wd, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr):
+                          BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, D_PAD: tl.constexpr,
+                          PRECISION: tl.constexpr):
     ACC = nf_ptr.dtype.element_ty
     rows, rmask = row_ids(tl.program_id(0), B, BLOCK_M)
     cols, cmask = row_ids(tl.program_id(1), C, BLOCK_N)
     s = tl.load(s_ptr).to(ACC)
     nf = tl.load(nf_ptr + rows, mask=rmask, other=1.0)
     nw = tl.load(nw_ptr + cols, mask=cmask, other=1.0)
-    f = load_rows(f_ptr, rows, rmask, D, stride_fb, stride_fd, D_PAD)
-    w = load_rows(w_ptr, cols, cmask, D, stride_wc, stride_wd, D_PAD)
-    dot = cos_dot(f, w, ACC, PRECISION)
+    dot = cos_tile(f_ptr, rows, rmask, stride_fb, stride_fd, w_ptr, cols, cmask, stride_wc,
+                   stride_wd, D, ACC, PRECISION, BLOCK_M, BLOCK_N, CHUNK, D_PAD)
     z = s * ((dot / nf[:, None]) / nw[None, :])
     tl.store(out_ptr + rows[:, None] * C + cols[None, :], z.to(out_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
@@ -44,7 +44,7 @@ def cosine_logits(features, weight, scale, eps):
     blk = config.forward_blocks(features.dtype, D, accumulate=False)
     launch(wrap_triton(_cosine_logits_kernel), (config.cdiv(B, blk.m), config.cdiv(C, blk.n)),
         features, weight, nf, nw, s, out, B, C, D, features.stride(0), features.stride(1),
-        weight.stride(0), weight.stride(1), BLOCK_M=blk.m, BLOCK_N=blk.n, D_PAD=blk.d,
+        weight.stride(0), weight.stride(1), BLOCK_M=blk.m, BLOCK_N=blk.n, CHUNK=blk.k, D_PAD=blk.d,
         PRECISION=config.dot_precision(features.dtype, features.device),
         num_warps=blk.num_warps, num_stages=blk.num_stages)
     return out

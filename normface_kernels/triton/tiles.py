@@ -77,6 +77,25 @@ def cos_dot(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def cos_tile(a_ptr, a_ids, a_mask, stride_a, stride_ad, b_ptr, b_ids, b_mask, stride_b,
+             stride_bd, D, ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_A: tl.constexpr,
+             BLOCK_B: tl.constexpr, CHUNK: tl.constexpr, D_PAD: tl.constexpr):
+    """cos_dot over D in CHUNK-wide pieces loaded here (fp32 / fp64, whose whole-D tiles would
+    not fit in registers): the same chunks in the same order from either side, so that
+    cos_tile(b, a) is still exactly the transpose of cos_tile(a, b)."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), ACC)
+    ks = tl.arange(0, CHUNK)
+    for k0 in tl.static_range(0, D_PAD, CHUNK):
+        kmask = (k0 + ks < D)[None, :]
+        a = tl.load(a_ptr + a_ids[:, None] * stride_a + (k0 + ks)[None, :] * stride_ad,
+                    mask=a_mask[:, None] & kmask, other=0.0)
+        b = tl.load(b_ptr + b_ids[:, None] * stride_b + (k0 + ks)[None, :] * stride_bd,
+                    mask=b_mask[:, None] & kmask, other=0.0)
+        acc = acc + cos_dot(a, b, ACC, PRECISION)
+    return acc
+
+
+@triton.jit
 def relu_nan(x):
     """torch.relu with NaN propagation (kernels.md: x > 0 ? x : (x != x ? x : 0))."""
     return tl.where(x > 0, x, tl.where(x != x, x, 0.0))
