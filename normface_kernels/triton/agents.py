@@ -121,7 +121,8 @@ def _partials(features, weight, rows, thr, hardest, target_only, need_grad):
     w_unit = grad and features.dtype == torch.float16
     blk = config.forward_blocks(features.dtype, D, grad, w_unit)
     n_row_tiles = config.cdiv(B, blk.m)
-    splits, per_split = config.split_classes(n_row_tiles, config.cdiv(C, blk.n), dev)
+    splits, per_split = config.split_classes(n_row_tiles, config.cdiv(C, blk.n), dev,
+                                             accumulate=grad)
     part = torch.empty((2, splits, B), dtype=rows.nf.dtype, device=dev)
     idx = torch.empty((splits, B) if hardest else (1,), dtype=torch.int64, device=dev)
     v_part = torch.empty((splits, B, D) if grad else (1,), dtype=rows.nf.dtype, device=dev)

@@ -19,8 +19,10 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Programs the split grids aim for: a few waves per SM (B = 1024 is only 16 row tiles of 64,
-# far too few for 132 SMs, so the class axis is split as well).
+# far too few for 132 SMs, so the class axis is split as well). A forward that accumulates U
+# keeps a (splits, B, D) fp32 partial of it: 2 waves (17 splits, 34 MB at B = 1024, D = 512).
 WAVES = 4
+ACCUMULATOR_WAVES = 2
 # Under the interpreter: enough programs to exercise the split merge on tiny shapes.
 INTERPRET_PROGRAMS = 4
 # Elements of a register accumulator per program (BLOCK x D_PAD), see the module docstring.
@@ -113,20 +115,21 @@ def sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def target_programs(device):
+def target_programs(device, waves=WAVES):
     if INTERPRET or device.type != "cuda" or not torch.cuda.is_available():
         return INTERPRET_PROGRAMS
-    return WAVES * sm_count(device.index if device.index is not None else 0)
+    return waves * sm_count(device.index if device.index is not None else 0)
 
 
 def cdiv(a, b):
     return (a + b - 1) // b
 
 
-def split_classes(n_row_tiles, n_class_tiles, device):
+def split_classes(n_row_tiles, n_class_tiles, device, accumulate=False):
     """(splits, tiles_per_split) so that row tiles x splits ~ target_programs, with no empty
     split: every split gets at least one class tile."""
-    want = max(1, cdiv(target_programs(device), max(1, n_row_tiles)))
+    waves = ACCUMULATOR_WAVES if accumulate else WAVES
+    want = max(1, cdiv(target_programs(device, waves), max(1, n_row_tiles)))
     splits = max(1, min(n_class_tiles, want))
     per_split = cdiv(n_class_tiles, splits)
     return cdiv(n_class_tiles, per_split), per_split

@@ -166,7 +166,8 @@ def softmax_forward(features, weight, labels, scale, m1, m2, m3, lam, normalize_
     w_unit = need_grad and norm_w and features.dtype == torch.float16
     blk = config.forward_blocks(features.dtype, D, need_grad, w_unit)
     n_row_tiles = config.cdiv(B, blk.m)
-    splits, per_split = config.split_classes(n_row_tiles, config.cdiv(C, blk.n), dev)
+    splits, per_split = config.split_classes(n_row_tiles, config.cdiv(C, blk.n), dev,
+                                             accumulate=need_grad)
     part = torch.empty((3, splits, B), dtype=acc, device=dev)
     u_part = torch.empty((splits, B, D) if need_grad else (1,), dtype=acc, device=dev)
     launch(wrap_triton(_softmax_fwd_kernel), (n_row_tiles, splits),
