@@ -29,6 +29,11 @@ part, and the parts are summed where they meet:
 So `local_features.grad` is d(global loss)/d(local features), `weight.grad` is d(global loss)/
 d(weight shard) and `scale.grad` is the full d(global loss)/d(scale) on every rank: exactly the
 gradients of the single-process NormFaceLoss on the full W (python_tests/test_distributed.py).
+With the closed-form backward of the Triton ops (docs/kernels.md), rank r's feature gradient is
+s a_i [(g_ri + e_ri) Ubar_ri + target term] from its own shard's U and R; the reduce-scatter of
+the feature gradients is then exactly the merge of U (and the scale's all-reduce that of R)
+across ranks, weighted by each rank's (g + e): no extra collective, and a sharded step costs the
+GEMM-equivalents of a local one.
 
 DDP: a DDP-wrapped backbone *averages* its gradients over ranks, so with exact feature gradients
 the backbone would see 1/world_size of d(global loss)/d(theta). ``ddp_compensation=True``
@@ -505,7 +510,11 @@ class ShardedNormFaceLoss(nn.Module):
             owner = torch.bucketize(labels_all, self._class_starts, right=True) - 1
             owner = torch.where(valid, owner, torch.zeros_like(owner))
             owner = owner.clamp(0, self.world_size - 1)[None]
-            lse_all, loss_all = merged[:, 0], merged[:, 1]
+            # Ignored rows are masked before the merge, so that their partials (NaN for NaN
+            # features) send exactly 0, not 0 * NaN, back to the ops' lse (SPEC "Bad input").
+            zero = torch.zeros((), dtype=merged.dtype, device=merged.device)
+            lse_all = torch.where(valid[None], merged[:, 0], zero)
+            loss_all = torch.where(valid[None], merged[:, 1], zero)
             lse = torch.logsumexp(lse_all, dim=0)
             return loss_all.gather(0, owner)[0] + (lse - lse_all.gather(0, owner)[0])
         if self.loss == "c_contrastive":

@@ -91,8 +91,9 @@ def _double_scale(module):
     return module
 
 
-def _run_setting(rank, world, name, kw, extra, seed, sizes):
-    """Compare one setting; returns a list of mismatch messages."""
+def _run_setting(rank, world, name, kw, extra, seed, sizes, backend="cpu"):
+    """Compare one setting (the sharded loss on `backend`, the single process on cpu); returns a
+    list of mismatch messages."""
     ignore_index = kw.get("ignore_index", -100)
     dtype = extra.get("dtype", torch.float64)
     rtol, atol = (RTOL, ATOL) if dtype == torch.float64 else (FLOAT32_RTOL, FLOAT32_ATOL)
@@ -102,7 +103,7 @@ def _run_setting(rank, world, name, kw, extra, seed, sizes):
     hi = lo + sizes[rank]
 
     single = NormFaceLoss(D, C, backend="cpu", dtype=dtype, **kw)
-    sharded = nkd.ShardedNormFaceLoss(D, C, backend="cpu", dtype=dtype,
+    sharded = nkd.ShardedNormFaceLoss(D, C, backend=backend, dtype=dtype,
                                       ddp_compensation=extra.get("ddp", False), **kw)
     if dtype == torch.float64:
         single, sharded = _double_scale(single), _double_scale(sharded)
@@ -112,7 +113,10 @@ def _run_setting(rank, world, name, kw, extra, seed, sizes):
     f_single = f.clone().requires_grad_(True)
     loss_single = single(f_single, y)
 
-    f_local = f[lo:hi].clone().requires_grad_(True)
+    f_local = f[lo:hi].clone()
+    if extra.get("nan_ignored") and lo <= 1 < hi:
+        f_local[1 - lo] = float("nan")  # sample 1 is ignored (_data): it must change nothing
+    f_local.requires_grad_(True)
     old_block = nkd.TRIPLET_BLOCK_ELEMS
     nkd.TRIPLET_BLOCK_ELEMS = extra.get("block_elems", old_block)
     try:
@@ -239,6 +243,59 @@ def _worker(rank, world, init_file, result_dir):
         # process sometimes aborts in static destructors at exit ("terminate called without an
         # active exception") after a clean destroy_process_group, failing an otherwise green run.
         os._exit(0)
+
+
+# The Triton backend's shards (its closed-form backward merged by the collectives), run in the
+# Triton interpreter on CPU tensors: a subset of SETTINGS that covers every loss and mode.
+TRITON_SETTINGS = ("normface_learned_scale", "arcface_learned", "l_softmax",
+                   "a_softmax_weight_only", "softmax_aux_center_none", "c_contrastive",
+                   "c_triplet_hardest_center_aux", "c_triplet_all_center")
+
+
+def _triton_worker(rank, world, init_file, result_dir):
+    os.environ["TRITON_INTERPRET"] = "1"  # before normface_kernels.triton is imported
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    errors = []
+    try:
+        if not normface_kernels.has_triton():
+            errors.append("SKIP " + normface_kernels.functional._triton_status()[1])
+        else:
+            for i, (name, kw, extra) in enumerate(SETTINGS):
+                if name in TRITON_SETTINGS:
+                    errors += _run_setting(rank, world, name, kw, extra, seed=i,
+                                           sizes=SIZES[world], backend="triton")
+            errors += _run_setting(rank, world, "nan_in_ignored_row",
+                                   dict(margins=(1.0, 0.3, 0.0), aux="c_contrastive"),
+                                   {"nan_ignored": True}, seed=7, sizes=SIZES[world],
+                                   backend="triton")
+    except Exception:  # report, and still reach destroy_process_group
+        errors.append(traceback.format_exc())
+    finally:
+        with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as out:
+            out.write("\n".join(errors))
+        dist.barrier()
+        dist.destroy_process_group()
+        os._exit(0)
+
+
+def test_sharded_triton_equals_single_process():
+    pytest.importorskip("triton", reason="the triton package is not installed")
+    world = 2
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_triton_worker, args=(world, os.path.join(tmp, "rendezvous"), tmp),
+                 nprocs=world, join=True)
+        report = []
+        for rank in range(world):
+            with open(os.path.join(tmp, f"rank{rank}.txt")) as result:
+                text = result.read()
+            if text.startswith("SKIP"):
+                pytest.skip(text)
+            if text:
+                report.append(text)
+    assert not report, "\n".join(report)
 
 
 @pytest.mark.parametrize("world", [2, 3])

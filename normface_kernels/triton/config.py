@@ -67,7 +67,7 @@ def forward_blocks(dtype, dim, accumulate, w_unit=False):
         return Blocks(max(16, min(64, ACC_ELEMENTS // 4 // dp)), 16, k, dp,
                       4 if dp <= 128 else 8, 2)
     if not accumulate:
-        return Blocks(128, 64 if dp <= 256 else 32, k, dp, 8, 3)
+        return Blocks(128 if dp <= 256 else 64, 64 if dp <= 256 else 32, k, dp, 8, 3)
     m = max(16, min(128, ACC_ELEMENTS // dp))
     n = 64 if dp <= 128 else 32
     if w_unit:
