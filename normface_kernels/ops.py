@@ -1,8 +1,10 @@
 """Python half of the op registration: fake (meta) kernels and autograd formulas.
 
 The schemas live in csrc/registration.cpp; the math of the backward ops is in docs/kernels.md.
-Each loss op family is registered for a name prefix: "" for the C++ ops (cpu/cuda kernels) and
-"triton_" for the Triton ops of normface_kernels.triton, which share the schemas and formulas.
+Each loss op family is registered for a name prefix ("" for the C++ ops, cpu/cuda kernels). The
+Triton ops register their own autograd in normface_kernels/triton/autograd.py: their forward
+saves statistics (U, R, norms) that its closed-form backward reads, so their training ops have
+schemas of their own.
 """
 
 import torch

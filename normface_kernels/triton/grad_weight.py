@@ -144,7 +144,8 @@ def grad_weight(features_live, weight, nw, s, yl, coef, mode, normalize_features
     launch(wrap_triton(_grad_weight_kernel), (config.cdiv(C, blk.n),),
         features_live, weight, nw, s, yl, coef, grad_w, B, C, D, features_live.stride(0),
         features_live.stride(1), weight.stride(0), weight.stride(1), MODE=mode,
-        NORM_F=bool(normalize_features), NORM_W=bool(normalize_weight), SCALE_EXP=weight.dtype == torch.float16,
+        NORM_F=bool(normalize_features), NORM_W=bool(normalize_weight),
+        SCALE_EXP=weight.dtype == torch.float16,
         BLOCK_N=blk.n, BLOCK_M=blk.m, CHUNK=blk.k, D_PAD=blk.d,
         PRECISION=config.dot_precision(weight.dtype, weight.device),
         num_warps=blk.num_warps, num_stages=blk.num_stages)
