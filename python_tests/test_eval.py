@@ -262,9 +262,10 @@ def _train_normface(num_classes, scale, steps=80, seed=0):
     inputs = prototypes[labels] + 0.3 * torch.randn(labels.numel(), 32, generator=generator)
     torch.manual_seed(seed)
     embedding = torch.nn.Linear(32, 16, bias=False)
-    criterion = nk.NormFaceLoss(16, num_classes, scale=scale, backend=BACKEND)
-    with torch.no_grad():
-        criterion.scale.fill_(1.0)                  # both runs start at s = 1
+    # Both runs start at s = 1; the learned one is the paper's layer (floor 0.01), so that only
+    # the features and the scale decide where the loss goes.
+    learned = dict(scale_init=1.0, scale_floor=0.01) if scale == "learn" else {}
+    criterion = nk.NormFaceLoss(16, num_classes, scale=scale, backend=BACKEND, **learned)
     optimizer = torch.optim.Adam([*embedding.parameters(), *criterion.parameters()], lr=0.05)
     for _ in range(steps):
         loss = criterion(embedding(inputs), labels)
