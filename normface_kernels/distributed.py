@@ -281,7 +281,8 @@ class ShardedNormFaceLoss(nn.Module):
         normalize_features, normalize_weight, pos_margin, neg_margin, triplet_margin,
         hardest_only, center, ignore_index, reduction, backend, distortion_momentum,
         scale_init, scale_floor, device, dtype. The learned scale's default floor comes from
-        the global C, so it is the same on every rank. backend must have kernels (cpu, cuda, triton): "reference" has no shards.
+        the global C, so it is the same on every rank. backend must have kernels (cpu, cuda,
+        triton): "reference" has no shards.
 
     forward(local_features (B_r, D), local_labels (B_r,) global class ids) -> the loss of the
     global batch (every rank's samples; reduction="none" gives (B,) in rank order), the same
