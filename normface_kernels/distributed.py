@@ -606,7 +606,8 @@ def memory_per_rank(num_classes, embedding_size, world_size, *, batch_size=128,
 
 def memory_table(num_classes=(1_000_000, 10_000_000, 100_000_000), world_sizes=(8, 64), *,
                  embedding_size=512, **kwargs):
-    """Rows (C, R, GiB of weight, grad, optimizer, workspace, total) of memory_per_rank."""
+    """Rows (C, R, GiB of weight, grad, optimizer, sampled, workspace, total) of
+    memory_per_rank; kwargs go to it (batch_size, dtype, optimizer, sample_rate, ...)."""
     rows = []
     for c in num_classes:
         for r in world_sizes:
@@ -631,5 +632,15 @@ def print_memory_table(num_classes=(1_000_000, 10_000_000, 100_000_000), world_s
     return text
 
 
-if __name__ == "__main__":  # python -m normface_kernels.distributed: the README table
+def _main():
+    """python -m normface_kernels.distributed: the README's two tables."""
+    common = "fp32 weight, Adam (two fp32 states), 128 samples per GPU, D = 512; GiB per rank"
+    print(f"All classes every step (sample_rate=1): {common}\n")
     print_memory_table()
+    print(f"\nPartial FC, sample_rate=0.1: {common}; sampled = the kept agents and their "
+          f"gradient\n")
+    print_memory_table(sample_rate=0.1)
+
+
+if __name__ == "__main__":
+    _main()
