@@ -68,7 +68,7 @@ class NormFaceLoss(nn.Module):
             used as given; 0, negative or non-finite values raise ValueError).
         scale_floor, scale_init: for scale="learn" only. The floor defaults to the smallest
             scale at which the loss can still fall to 0.1 at Proposition 2's optimum with these
-            margins (``scale.learned_scale_floor``; e.g. 9.9 for C=2,000 without a margin,
+            margins (``scale.learned_scale_floor``; e.g. 9.8 for C=2,000 without a margin,
             13.1 for C=50,000, 20.1 for C=50,000 with CosFace's m3=0.35), or the paper's 0.01
             when a side is not normalized; the start defaults to max(10, floor).
             ``scale_init=10.0, scale_floor=0.01`` is the paper's layer exactly (section 3.3),
@@ -92,7 +92,7 @@ class NormFaceLoss(nn.Module):
     good; here it rises again as soon as the loss prefers a larger scale. Measured on a
     2,000-class toy (python_tests/test_training.py, where the numbers are printed): with the
     paper's layer every margin ends at ln C = 7.6 with s = 0.01; with the defaults every
-    margin trains and s ends above the floor.
+    margin trains (the README has the table).
     """
 
     def __init__(self, embedding_size, num_classes, *, loss="softmax", scale="learn",
