@@ -265,12 +265,12 @@ def run_all(args):
 # The table
 # ---------------------------------------------------------------------------------------------
 
-LEGEND = """Columns: accuracy = LFW-protocol 10-fold accuracy with cosine scores (%), mean ± std over
-the seeds; Δ = per-seed difference to the softmax row of the same protocol, (a) or (a') (same
-seed: same initial network, same training images), mean ± std over the seeds; TPR = true accept
-rate at a 1% false accept rate (%); AUC = area under the ROC; final s = the learned scale after
-training (mean over seeds; - for a fixed scale or a loss without one); train s = seconds of
-training per run (mean; fine-tuned rows: the fine-tuning only)."""
+LEGEND = """Columns: accuracy = LFW-protocol 10-fold accuracy with cosine scores (%), mean ± std
+over the seeds; Δ = per-seed difference to the softmax row of the same protocol, (a) or (a')
+(same seed: same initial network, same training images), mean ± std over the seeds; TPR = true
+accept rate at a 1% false accept rate (%); AUC = area under the ROC; final s = the learned scale
+after training (mean over seeds; - for a fixed scale or a loss without one); train s = seconds
+of training per run (mean; fine-tuned rows: the fine-tuning only)."""
 
 
 def table(results):

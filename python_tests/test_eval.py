@@ -294,7 +294,7 @@ def test_example_quick_smoke(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run(
+    result = subprocess.run(   # every row, the paper's fine-tuned rows, both figures
         [sys.executable, os.path.join(REPO, "examples", "verification_identities.py"), "--quick",
          "--out", str(tmp_path), "--backend", BACKEND],
         capture_output=True, text=True, timeout=300, env=env)
@@ -304,7 +304,9 @@ def test_example_quick_smoke(tmp_path):
     assert [row.split(" | ")[0] for row in rows] == [
         "| (a) softmax", "| (b) NormFace", "| (c) CosFace m3=0.35", "| (d) ArcFace m2=0.5",
         "| (e) SphereFace m1=4", "| (f) NormFace + 0.01 C-contrastive", "| (g) C-contrastive",
-        "| (h) C-triplet + center"]
+        "| (h) C-triplet + center", "| (a') softmax, trained further",
+        "| (g') C-contrastive, fine-tuned from (a)",
+        "| (h') C-triplet + center, fine-tuned from (a)"]
     for row in rows:   # every run verified something: accuracy well above chance (50%)
         assert float(row.split(" | ")[1].split(" ± ")[0]) > 60.0, row
     assert "Columns: accuracy =" in out and "final s = " in out      # the legend
