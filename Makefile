@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup bench test cmake-test
+.PHONY: setup bench test cmake-test aot-check
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
@@ -17,3 +17,9 @@ test: setup
 # The same csrc/ built with CMake as a plain libtorch library, loaded and used from Python.
 cmake-test: setup
 	bash scripts/cmake_check.sh $(PY)
+
+# Every Triton kernel in every configuration its launchers produce (B=1024, C=1M, D=128/512),
+# compiled for sm_90 without a GPU: registers, spills, shared memory; fails on a compile error,
+# shared memory over the limit, or a spill in a 16-bit kernel. AOT_ARGS="--target sm80 ..." adds.
+aot-check: setup
+	env -u TRITON_INTERPRET $(PY) -m normface_kernels.triton.aot_check $(AOT_ARGS)

@@ -58,8 +58,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import checks, functional as F
-from .modules import (AUX_LOSSES, LOSSES, SCALE_FLOOR, init_agents, reset_agents,
+from .modules import (AUX_LOSSES, LOSSES, distortion_per_class, init_agents, reset_agents,
                       update_agent_distortion)
+from .scale import scale_in_loss
 
 EPS = 1e-12  # the eps of every norm (SPEC: sqrt(sum x^2 + eps))
 # Non-hardest C-triplet: agents per block are chosen so that a block has ~this many (B x block)
@@ -283,8 +284,10 @@ class ShardedNormFaceLoss(nn.Module):
             a DDP-wrapped backbone (DDP averages over ranks; see the module docstring).
         Every other keyword is NormFaceLoss's: loss, scale, margins, aux, aux_weight, lam,
         normalize_features, normalize_weight, pos_margin, neg_margin, triplet_margin,
-        hardest_only, center, ignore_index, reduction, backend, distortion_momentum, device,
-        dtype. backend must have kernels (cpu, cuda, triton): "reference" has no shards.
+        hardest_only, center, ignore_index, reduction, backend, distortion_momentum,
+        scale_init, scale_floor, device, dtype. The learned scale's default floor comes from
+        the global C, so it is the same on every rank. backend must have kernels (cpu, cuda,
+        triton): "reference" has no shards.
 
     forward(local_features (B_r, D), local_labels (B_r,) global class ids) -> the loss of the
     global batch (every rank's samples; reduction="none" gives (B,) in rank order), the same
@@ -297,7 +300,8 @@ class ShardedNormFaceLoss(nn.Module):
                  normalize_features=True, normalize_weight=True, pos_margin=0.0,
                  neg_margin=1.0, triplet_margin=0.8, hardest_only=True, center=False,
                  ignore_index=-100, reduction="mean", backend="auto", distortion_momentum=0.99,
-                 sample_rate=1.0, ddp_compensation=False, device=None, dtype=None):
+                 sample_rate=1.0, ddp_compensation=False, scale_init=None, scale_floor=None,
+                 device=None, dtype=None):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -351,7 +355,8 @@ class ShardedNormFaceLoss(nn.Module):
 
         # The scale, when learned, is replicated: the same initial value on every rank and the
         # same (all-reduced) gradient.
-        init_agents(self, self.class_end - self.class_start, embedding_size, scale, device, dtype)
+        init_agents(self, self.class_end - self.class_start, embedding_size, self.num_classes,
+                    scale, device, dtype, scale_init=scale_init, scale_floor=scale_floor)
         self.reset_parameters()
 
     # -- parameters ----------------------------------------------------------------------------
@@ -383,12 +388,19 @@ class ShardedNormFaceLoss(nn.Module):
 
     @property
     def effective_scale(self):
-        """The scale used in the loss: the parameter, bounded below by 0.01 (paper's layer)."""
-        return self.scale.clamp(min=SCALE_FLOOR)
+        """The scale the loss uses: NormFaceLoss's (fixed, or max(learned, scale_floor))."""
+        return scale_in_loss(self)
+
+    @property
+    def distortion_per_class(self):
+        """(class_end - class_start,) float32: NormFaceLoss's per-class distortion for this
+        rank's classes (NaN for a class not seen yet); no collective."""
+        return distortion_per_class(self)
 
     @property
     def mean_distortion(self):
-        """Mean over the classes seen so far (all ranks) of the moving average of d(f, W_y)^2.
+        """Mean over the classes seen so far (all ranks) of the moving average of d(f, W_y)^2
+        (NaN before any training step).
 
         A collective when distributed: read it on every rank.
         """
@@ -397,7 +409,7 @@ class ShardedNormFaceLoss(nn.Module):
                              seen.double().sum()])
         if _distributed(self.group):
             dist.all_reduce(stats, group=self.group)
-        return float(stats[0] / stats[1]) if float(stats[1]) > 0 else 0.0
+        return float(stats[0] / stats[1]) if float(stats[1]) > 0 else math.nan
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -603,7 +615,8 @@ def memory_per_rank(num_classes, embedding_size, world_size, *, batch_size=128,
 
 def memory_table(num_classes=(1_000_000, 10_000_000, 100_000_000), world_sizes=(8, 64), *,
                  embedding_size=512, **kwargs):
-    """Rows (C, R, GiB of weight, grad, optimizer, workspace, total) of memory_per_rank."""
+    """Rows (C, R, GiB of weight, grad, optimizer, sampled, workspace, total) of
+    memory_per_rank; kwargs go to it (batch_size, dtype, optimizer, sample_rate, ...)."""
     rows = []
     for c in num_classes:
         for r in world_sizes:
@@ -628,5 +641,15 @@ def print_memory_table(num_classes=(1_000_000, 10_000_000, 100_000_000), world_s
     return text
 
 
-if __name__ == "__main__":  # python -m normface_kernels.distributed: the README table
+def _main():
+    """python -m normface_kernels.distributed: the README's two tables."""
+    common = "fp32 weight, Adam (two fp32 states), 128 samples per GPU, D = 512; GiB per rank"
+    print(f"All classes every step (sample_rate=1): {common}\n")
     print_memory_table()
+    print(f"\nPartial FC, sample_rate=0.1: {common}; sampled = the kept agents and their "
+          f"gradient\n")
+    print_memory_table(sample_rate=0.1)
+
+
+if __name__ == "__main__":
+    _main()

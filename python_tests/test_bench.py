@@ -6,6 +6,8 @@ and PNG files, positive times, the targets block -- not any speed.
 
 import csv
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -88,6 +90,34 @@ def test_text_has_header_table_and_skips(smoke):
     assert report.env.date in text and "torch" in text
     assert "median ms" in text
     assert "liger_flce" not in report.skipped   # not asked for: not listed
+
+
+def test_every_ratio_column_is_defined_where_it_appears(smoke):
+    """stdout and the markdown both say what x best, x gemm, extra MiB and mem x best are."""
+    report, _, out = smoke
+    header = report.text().splitlines()
+    header = next(line for line in header if line.startswith("op "))
+    markdown = (out / "smoke.md").read_text()
+    for column in ("x best", "x gemm", "extra MiB", "mem x best"):
+        assert column in header
+        assert f"  {column}: " in report.text()
+        assert f"- *{column}*: " in markdown
+
+
+def test_default_output_is_ignored_by_git():
+    """A run must not dirty the checkout: the default --out is git-ignored, and the committed
+    results folder is not (committing a run is a deliberate --out bench/results)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = parse_args([]).out
+    if shutil.which("git") is None or subprocess.run(
+            ["git", "-C", repo, "rev-parse", "--git-dir"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+
+    def ignored(path):
+        return subprocess.run(["git", "-C", repo, "check-ignore", "-q", path]).returncode == 0
+
+    assert ignored(os.path.join(out, "cpu-quick-2026-11-25.csv"))
+    assert not ignored("bench/results/cpu-quick-2026-11-25.csv")
 
 
 def test_targets_block_from_rows():

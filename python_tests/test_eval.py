@@ -1,5 +1,5 @@
 """normface_kernels.eval: verification metrics on cases whose answer is known by hand, the
-Proposition 2 behaviour at small size, and a smoke run of examples/verification_digits.py."""
+Proposition 2 behaviour at small size, and a smoke run of examples/verification_identities.py."""
 
 import math
 import os
@@ -262,9 +262,10 @@ def _train_normface(num_classes, scale, steps=80, seed=0):
     inputs = prototypes[labels] + 0.3 * torch.randn(labels.numel(), 32, generator=generator)
     torch.manual_seed(seed)
     embedding = torch.nn.Linear(32, 16, bias=False)
-    criterion = nk.NormFaceLoss(16, num_classes, scale=scale, backend=BACKEND)
-    with torch.no_grad():
-        criterion.scale.fill_(1.0)                  # both runs start at s = 1
+    # Both runs start at s = 1; the learned one is the paper's layer (floor 0.01), so that only
+    # the features and the scale decide where the loss goes.
+    learned = dict(scale_init=1.0, scale_floor=0.01) if scale == "learn" else {}
+    criterion = nk.NormFaceLoss(16, num_classes, scale=scale, backend=BACKEND, **learned)
     optimizer = torch.optim.Adam([*embedding.parameters(), *criterion.parameters()], lr=0.05)
     for _ in range(steps):
         loss = criterion(embedding(inputs), labels)
@@ -293,16 +294,24 @@ def test_example_quick_smoke(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "examples", "verification_digits.py"), "--quick",
-         "--out", str(tmp_path), "--backend", BACKEND, "--threads", "1"],
+    result = subprocess.run(   # every row, the paper's fine-tuned rows, both figures
+        [sys.executable, os.path.join(REPO, "examples", "verification_identities.py"), "--quick",
+         "--out", str(tmp_path), "--backend", BACKEND],
         capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    for row in ("(a) softmax", "(b) normface", "(c) cosface", "(d) normface + 0.01 c-contr",
-                "(e) c-triplet + center"):
-        assert f"| {row}" in out
+    rows = [line for line in out.splitlines() if line.startswith("| (")]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| (a) softmax", "| (b) NormFace", "| (c) CosFace m3=0.35", "| (d) ArcFace m2=0.5",
+        "| (e) SphereFace m1=4", "| (f) NormFace + 0.01 C-contrastive", "| (g) C-contrastive",
+        "| (h) C-triplet + center", "| (a') softmax, trained further",
+        "| (g') C-contrastive, fine-tuned from (a)",
+        "| (h') C-triplet + center, fine-tuned from (a)"]
+    for row in rows:   # every run verified something: accuracy well above chance (50%)
+        assert float(row.split(" | ")[1].split(" ± ")[0]) > 60.0, row
+    assert "Columns: accuracy =" in out and "final s = " in out      # the legend
     assert "learned scale goes below the s=1 bound: True" in out
-    with open(tmp_path / "figure2_features.png", "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "results.md").read_text().count("|") > 20
+    for png in ("figure2_features.png", "accuracy.png"):
+        with open(tmp_path / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "results.md").read_text().count("|") > 60

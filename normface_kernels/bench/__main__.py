@@ -6,6 +6,9 @@ import sys
 from . import grid, runners
 from .suite import Config, run
 
+# Runs land where git ignores them; committing one (bench/results/) is a deliberate --out.
+DEFAULT_OUT = "bench/runs"
+
 
 def _csv(kind):
     def parse(text):
@@ -26,8 +29,9 @@ def parse_args(argv=None):
     mode.add_argument("--targets-only", action="store_true",
                       help="only the foundation issue's two CPU measurements, with PASS/FAIL")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--out", default="bench/results",
-                   help="folder for the CSV, markdown and PNG (default bench/results)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"folder for the CSV, markdown and PNG (default {DEFAULT_OUT}, which "
+                        f"git ignores; --out bench/results to commit a run)")
     p.add_argument("--name", default=None,
                    help="file stem (default DEVICE-MODE-DATE, e.g. cpu-quick-2026-11-25)")
     p.add_argument("--no-write", action="store_true", help="print only, write no files")

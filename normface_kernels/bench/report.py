@@ -18,12 +18,23 @@ import math
 import os
 import platform
 import subprocess
+import textwrap
 
 import torch
 
 from . import grid
 
 OURS_FAST = ("cpu", "triton", "cuda")
+# What the columns of the table mean: printed under it on stdout and in the markdown.
+LEGEND = (
+    ("median ms", "median time of the pass; p20-p80 ms: its 20th to 80th percentile"),
+    ("x best", "median ms / that of the fastest of this package's kernels (cpu, triton, cuda; "
+               "the reference when none ran) on the same case and pass, which the CSV names in "
+               "`best`: 1.00x is the fastest, 2.00x twice as slow"),
+    ("x gemm", "median ms / that of gemm_floor, the three bare matmuls of the same shapes"),
+    ("extra MiB", "peak memory during the pass minus what was held before it"),
+    ("mem x best", "extra MiB / that of the same `best` backend as for x best"),
+)
 CSV_COLUMNS = ("date", "device", "device_name", "torch", "triton", "op", "backend", "kind", "B",
                "D", "C", "dtype", "pass", "median_ms", "p20_ms", "p80_ms", "reps", "peak_mem_mb",
                "time_vs_best", "time_vs_gemm_floor", "mem_vs_best", "best", "status", "tag",
@@ -306,6 +317,8 @@ class Report:
         out = ["normface_kernels benchmark" + (f" ({self.mode})" if self.mode else "")]
         out += ["  " + line for line in self.env.lines()]
         out += ["", self.table(), ""]
+        out += [textwrap.fill(f"{name}: {meaning}", 100, initial_indent="  ",
+                              subsequent_indent="      ") for name, meaning in LEGEND] + [""]
         if self.skipped:
             out += ["not run:"] + ["  " + line for line in self.skipped_lines()] + [""]
         if self.notes:
@@ -335,14 +348,11 @@ class Report:
         out = [f"# normface_kernels benchmark: {self.env.device}, {self.mode or 'custom'} grid", ""]
         out += [f"- {line}" for line in self.env.lines()]
         out += ["", "Ops: " + "; ".join(f"`{s.name}` = {s.describe}" for s in grid.OPS.values()),
-                "", "Times are medians with the 20th-80th percentile spread (GPU: "
-                "triton.testing.do_bench; CPU: repetitions interleaved across backends). "
-                "*extra MiB* is the peak memory during the pass minus what was held before it. "
-                "*x best* divides by the fastest of this package's kernels for the same case "
-                "(cpu / triton / cuda), *x gemm* by the three bare matmuls of the same shapes. "
-                "The linear-cross-entropy peers (torch_lce, liger_flce, cce) get pre-normalized "
-                "inputs with the scale folded in: NormFace with the same GEMMs, no margin; they "
-                "appear on the normface rows only.", ""]
+                "", "Times: GPU triton.testing.do_bench; CPU repetitions interleaved across "
+                "backends. The linear-cross-entropy peers (torch_lce, liger_flce, cce) get "
+                "pre-normalized inputs with the scale folded in: NormFace with the same GEMMs, "
+                "no margin; they appear on the normface rows only.", ""]
+        out += [f"- *{name}*: {meaning}" for name, meaning in LEGEND] + [""]
         constant = self._constant_notes()
         if constant:
             out += ["Backends: " + "; ".join(f"`{b}`: {n}" for b, n in constant.items()), ""]
