@@ -236,9 +236,10 @@ def backward(loss):
     return leaves
 
 
-def _grad_filter_settings():
-    """The gradient filter switches a constexpr of the backward kernels: off and on."""
-    return (None, 0.0)
+def _grad_filter_settings(set_grad_filter):
+    """The gradient filter switches a constexpr of the backward kernels: off and on, where the
+    backend has one (the v2 kernels of issue #14 have none)."""
+    return (None,) if set_grad_filter is None else (None, 0.0)
 
 
 def record(target, dims=DIMS, dtypes=DTYPES, batch=B, classes=C):
@@ -246,7 +247,8 @@ def record(target, dims=DIMS, dtypes=DTYPES, batch=B, classes=C):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import normface_kernels as nk
-    from .. import set_grad_filter
+    import normface_kernels.triton as triton_backend
+    set_grad_filter = getattr(triton_backend, "set_grad_filter", None)
 
     if not nk.has_triton():
         raise RuntimeError(f"the Triton backend did not load: {nk.functional._triton_status()[1]}")
@@ -256,8 +258,9 @@ def record(target, dims=DIMS, dtypes=DTYPES, batch=B, classes=C):
     try:
         with as_target_gpu(target), Recorder() as recorder, \
                 FakeTensorMode(allow_non_fake_inputs=True):
-            for grad_filter in _grad_filter_settings():
-                set_grad_filter(grad_filter)
+            for grad_filter in _grad_filter_settings(set_grad_filter):
+                if set_grad_filter is not None:
+                    set_grad_filter(grad_filter)
                 for dtype in dtypes:
                     for dim in dims:
                         f = torch.empty((batch, dim), dtype=dtype, device="cuda",
@@ -274,7 +277,8 @@ def record(target, dims=DIMS, dtypes=DTYPES, batch=B, classes=C):
                             except Exception as error:  # noqa: BLE001 - reported, then fails
                                 failures.append((tag, f"{type(error).__name__}: {error}"))
     finally:
-        set_grad_filter(None)
+        if set_grad_filter is not None:
+            set_grad_filter(None)
         if previous_checks is not None:
             nk.set_data_checks(previous_checks)
         _clear_caches()
