@@ -157,12 +157,14 @@ def softmax_forward(features, weight, labels, scale, m1, m2, m3, lam, normalize_
                         ignore_index, class_start)
     loss = torch.empty((B,), dtype=acc, device=dev)
     lse = torch.empty((B,), dtype=acc, device=dev)
-    stats = torch.zeros((len(STATS), B), dtype=acc, device=dev)
+    merged = torch.zeros((3, B), dtype=acc, device=dev)  # P, p_y, Rbar (filled with need_grad)
     ubar = torch.empty((B if need_grad else 0, D), dtype=acc, device=dev)
-    for name in ("nf", "t", "dt", "zy"):
-        stats[STATS.index(name)] = getattr(rows, name)
+
+    def saved():
+        return torch.cat([torch.stack([rows.nf, rows.t, rows.dt, rows.zy]), merged])
+
     if B == 0:
-        return loss, lse, stats, ubar, rows.nw
+        return loss, lse, saved(), ubar, rows.nw
     w_unit = need_grad and norm_w and features.dtype == torch.float16
     blk = config.forward_blocks(features.dtype, D, need_grad, w_unit)
     n_row_tiles = config.cdiv(B, blk.m)
@@ -178,8 +180,7 @@ def softmax_forward(features, weight, labels, scale, m1, m2, m3, lam, normalize_
         PRECISION=config.dot_precision(features.dtype, dev),
         num_warps=blk.num_warps, num_stages=blk.num_stages)
     block_r, block_d = config.row_blocks(D)
-    first = STATS.index("p_neg")
     launch(wrap_triton(_softmax_merge_kernel), (config.cdiv(B, block_r),),
-        part, u_part, rows.yl, rows.zy, loss, lse, stats[first:], ubar if need_grad else part,
+        part, u_part, rows.yl, rows.zy, loss, lse, merged, ubar if need_grad else part,
         B, D, splits, GRAD=need_grad, BLOCK_R=block_r, BLOCK_D=block_d)
-    return loss, lse, stats, ubar, rows.nw
+    return loss, lse, saved(), ubar, rows.nw
