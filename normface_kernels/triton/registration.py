@@ -20,12 +20,12 @@ from torch.library import triton_op
 
 from . import config
 from ..checks import check_op_inputs, check_per_sample, data_checks_on
+from .agents import STATS as AGENT_STATS
 from .agents import (c_contrastive_backward, c_contrastive_forward, c_triplet_backward,
                      c_triplet_forward, center_loss, center_loss_backward, hardest_hinge)
 from .cosine_softmax_bwd import softmax_backward
 from .cosine_softmax_fwd import STATS as SOFTMAX_STATS
 from .cosine_softmax_fwd import softmax_forward
-from .agents import STATS as AGENT_STATS
 from .logits import cosine_logits, cosine_logits_backward
 from .normalize import l2_normalize, l2_normalize_backward
 
