@@ -396,13 +396,15 @@ def test_softmax_float64_huge_logits_are_exact():
 
 
 def _recompute_identity(B, C, D, dtype, device):
-    """Unnormalized logits of about 1e5-1e6 (softmax one-hot to the last bit), gradient of
+    """Unnormalized logits of 1e4-1e6 (a softmax one-hot to the last bit), gradient of
     sum_i lse_i only. The logit is homogeneous of degree 1 in each W_j, so
-    sum_j <grad W_j, W_j> = sum_ij p_ij z_ij = sum_i lse_i here; a recomputed logit one ulp
-    (0.06 at 1e6 in fp32) off the forward's puts e^(+-0.06) into p and breaks it by percents."""
+    sum_j <grad W_j, W_j> = sum_ij p_ij z_ij = sum_i lse_i here; a recomputed logit one ulp off
+    the forward's (0.06 at 1e6 in fp32) puts e^(+-ulp) into p and breaks it by that much --
+    far more than the tolerance (16-bit: logits near 1e6, against grad W's own rounding)."""
+    low = dtype in (torch.float16, torch.bfloat16)
     g = torch.Generator().manual_seed(3)
-    f = (30 * torch.randn(B, D, generator=g)).to(device=device, dtype=dtype)
-    w = (30 * torch.randn(C, D, generator=g)).to(device=device, dtype=dtype)
+    f = ((200 if low else 30) * torch.randn(B, D, generator=g)).to(device=device, dtype=dtype)
+    w = ((200 if low else 30) * torch.randn(C, D, generator=g)).to(device=device, dtype=dtype)
     y = torch.randint(0, C, (B,), generator=g).to(device)
     wx = w.clone().requires_grad_()
     _, lse = _softmax_op(f, wx, y, torch.tensor(1.0, device=device), normalize_features=False,
@@ -410,7 +412,7 @@ def _recompute_identity(B, C, D, dtype, device):
     (grad_w,) = torch.autograd.grad(lse.sum(), wx)
     lhs = (grad_w.double() * w.double()).sum().item()
     rhs = lse.double().sum().item()
-    assert abs(lhs - rhs) <= 1e-4 * abs(rhs), f"{dtype}: {lhs} vs {rhs}"
+    assert abs(lhs - rhs) <= (1e-2 if low else 1e-4) * abs(rhs), f"{dtype}: {lhs} vs {rhs}"
 
 
 def test_logits_recomputed_bit_identically():
