@@ -42,8 +42,10 @@ if not nk.has_triton():
 from normface_kernels import triton as nkt  # noqa: E402
 
 ops = torch.ops.normface
-# The interpreter evaluates masked-off lanes too (log(0), inf - inf in padding): numpy warns.
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+# The interpreter evaluates masked-off lanes too (log(0), inf - inf in padding): numpy warns;
+# triton 3.6's interpreter also converts 1-element arrays to loop bounds the deprecated way.
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.runtime.interpreter")]
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
