@@ -43,20 +43,36 @@ def d_pad(dim):
     return max(16, 1 << max(0, int(dim) - 1).bit_length())
 
 
+# Widest (padded) D on a GPU: a W tile of whole rows and the fp32 (rows, D) accumulator must
+# fit on chip (shared memory and registers; docs/kernels.md "Tiles").
+MAX_D = {torch.float16: 2048, torch.bfloat16: 2048, torch.float32: 1024, torch.float64: 512}
+
+
+def check_dim(dtype, dim):
+    """A clear error for a D the GPU tiles cannot hold (the interpreter takes any D)."""
+    if not INTERPRET and d_pad(dim) > MAX_D[dtype]:
+        raise ValueError(f"D = {dim} is larger than the Triton backend's largest D for {dtype} "
+                         f"({MAX_D[dtype]}); use backend='cuda' or 'cpu'")
+
+
 def _chunk(dtype, dp):
     """16-bit tiles hold whole rows (the tile of the stationary operand stays on chip); fp32 and
     fp64 tiles of whole rows do not fit in registers, so their cosine tile is summed over D
     chunks (tiles.cos_tile). The interpreter takes the chunked path for fp64 to test it."""
-    if dtype in (torch.float16, torch.bfloat16) or (INTERPRET and dtype != torch.float64):
+    if INTERPRET:
+        return min(dp, 16) if dtype == torch.float64 else dp
+    if dtype in (torch.float16, torch.bfloat16):
         return dp
-    return min(dp, 32 if dtype == torch.float32 and not INTERPRET else 16)
+    return min(dp, 32 if dtype == torch.float32 else 16)
 
 
 def forward_blocks(dtype, dim, accumulate, w_unit=False):
     """Row-stationary forward (softmax and agent losses): a (BLOCK_M, D) tile of f stays on chip
     while (BLOCK_N, D) tiles of W stream through. `accumulate`: the (BLOCK_M, D) fp32 U (or V)
     accumulator is kept (a gradient is needed). `w_unit`: fp16 with normalized W, whose tile is
-    also normalized in registers (docs/kernels.md "16-bit operands") and needs a narrower one."""
+    also normalized in registers (docs/kernels.md "16-bit operands") and needs a narrower one.
+    Shared memory: BLOCK_M D + stages BLOCK_N D 16-bit values, at most ~200 KB."""
+    check_dim(dtype, dim)
     dp = d_pad(dim)
     k = _chunk(dtype, dp)
     if INTERPRET:
@@ -65,7 +81,10 @@ def forward_blocks(dtype, dim, accumulate, w_unit=False):
         return Blocks(16, 16, k, dp, 4 if dp <= 128 else 8, 1)
     if dtype == torch.float32:
         return Blocks(max(16, min(64, ACC_ELEMENTS // 4 // dp)), 16, k, dp,
-                      4 if dp <= 128 else 8, 2)
+                      4 if dp <= 128 else 8, 2 if dp <= 512 else 1)
+    if dp > 512:  # 1024, 2048
+        m = ACC_ELEMENTS // dp // (2 if w_unit else 1)
+        return Blocks(max(16, m), 16, k, dp, 8, 2)
     if not accumulate:
         return Blocks(128 if dp <= 256 else 64, 64 if dp <= 256 else 32, k, dp, 8, 3)
     m = max(16, min(128, ACC_ELEMENTS // dp))
@@ -79,6 +98,7 @@ def grad_weight_blocks(dtype, dim):
     """Class-stationary backward: a (BLOCK_N, D) tile of W and its fp32 grad W~ accumulator stay
     on chip while (BLOCK_M, D) tiles of f stream through. At 64 x 512 a BLOCK_M of 32 leaves
     ptxas 0-8 bytes short of registers (3.6 / 3.8); 16 leaves a margin."""
+    check_dim(dtype, dim)
     dp = d_pad(dim)
     k = _chunk(dtype, dp)
     if INTERPRET:
@@ -87,7 +107,7 @@ def grad_weight_blocks(dtype, dim):
         return Blocks(16, 16, k, dp, 4 if dp <= 128 else 8, 1)
     if dtype == torch.float32:
         return Blocks(16, max(16, min(64, ACC_ELEMENTS // 4 // dp)), k, dp,
-                      4 if dp <= 128 else 8, 2)
+                      4 if dp <= 128 else 8, 2 if dp <= 512 else 1)
     if dp <= 128:
         return Blocks(64, 128, k, dp, 8, 3)
     return Blocks(16, max(16, min(128, ACC_ELEMENTS // dp)), k, dp, 8, 2)
