@@ -65,10 +65,7 @@ static at::Tensor cosine_logits_composite(const at::Tensor& features, const at::
   static auto normalize = c10::Dispatcher::singleton()
                               .findSchemaOrThrow("normface::l2_normalize", "")
                               .typed<at::Tensor(const at::Tensor&, double)>();
-  TORCH_CHECK(features.dim() == 2, "features must be 2-D (B, D), got ", features.dim(), "-D");
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (C, D), got ", weight.dim(), "-D");
-  TORCH_CHECK(features.size(1) == weight.size(1), "features and weight must share D, got ",
-              features.size(1), " and ", weight.size(1));
+  check_logits_args(features, weight, scale, eps);
   at::Tensor cos = at::mm(normalize.call(features, eps), normalize.call(weight, eps).t());
   return cos * scale.to(cos.scalar_type());
 }
