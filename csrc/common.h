@@ -86,7 +86,12 @@ inline int64_t resolve_num_classes(int64_t num_classes, const at::Tensor& weight
 
 // `name` lives on the device of features. A meta tensor mixed with real ones is an error: the
 // dispatcher would otherwise run a kernel on a tensor that has no data.
+inline void check_defined(const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
+}
+
 inline void check_device(const char* name, const at::Tensor& t, const at::Tensor& features) {
+  check_defined(name, t);
   TORCH_CHECK(t.device() == features.device(), name, " must be on the device of features (",
               features.device(), "), got ", t.device());
 }
@@ -126,6 +131,9 @@ inline int64_t check_shard(int64_t class_start, int64_t num_classes, const at::T
 inline void check_loss_inputs(const at::Tensor& features, const at::Tensor& weight,
                               const at::Tensor& labels, int64_t ignore_index,
                               int64_t class_start, int64_t num_classes) {
+  check_defined("features", features);
+  check_defined("weight", weight);
+  check_defined("labels", labels);
   TORCH_CHECK(features.dim() == 2, "features must be 2-D (B, D), got shape ", features.sizes());
   TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (C, D), got shape ", weight.sizes());
   TORCH_CHECK(labels.dim() == 1, "labels must be 1-D (B,), got shape ", labels.sizes());
@@ -159,6 +167,7 @@ inline void check_loss_inputs(const at::Tensor& features, const at::Tensor& weig
 // scale: one floating number (a 0-dim tensor) on the device of features, or a CPU number
 // next to accelerator features (never next to meta ones); its value finite and > 0 (data check).
 inline void check_scale(const at::Tensor& scale, const at::Tensor& features) {
+  check_defined("scale", scale);
   TORCH_CHECK(scale.numel() == 1, "scale must be a single number (0-dim tensor), got shape ",
               scale.sizes());
   TORCH_CHECK(at::isFloatingType(scale.scalar_type()), "scale must be floating, got ",
@@ -200,6 +209,7 @@ inline void check_hardest(const at::Tensor& hardest, const at::Tensor& features,
 // ---- One bundle per op family (the CPU and CUDA kernels call these) ----------------------------
 
 inline void check_normalize_args(const at::Tensor& x, double eps) {
+  check_defined("x", x);
   TORCH_CHECK(x.dim() >= 1, "x must have at least one dim, got a 0-dim tensor");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating, got ", x.scalar_type());
   check_eps(eps);
@@ -208,6 +218,7 @@ inline void check_normalize_args(const at::Tensor& x, double eps) {
 inline void check_normalize_backward_args(const at::Tensor& grad, const at::Tensor& x,
                                           double eps) {
   check_normalize_args(x, eps);
+  check_defined("grad", grad);
   TORCH_CHECK(grad.device() == x.device(), "grad must be on the device of x (", x.device(),
               "), got ", grad.device());
   TORCH_CHECK(grad.sizes() == x.sizes(), "grad must have the shape of x, got grad ",
@@ -219,6 +230,8 @@ inline void check_normalize_backward_args(const at::Tensor& grad, const at::Tens
 // cosine_logits: features (B, D), weight (C, D) with C > 0, one scale, eps.
 inline void check_logits_args(const at::Tensor& features, const at::Tensor& weight,
                               const at::Tensor& scale, double eps) {
+  check_defined("features", features);
+  check_defined("weight", weight);
   TORCH_CHECK(features.dim() == 2, "features must be 2-D (B, D), got shape ", features.sizes());
   TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (C, D), got shape ", weight.sizes());
   check_device("weight", weight, features);

@@ -67,6 +67,8 @@ def check_device(name, t, features, *, cpu_number_ok=False):
     """`name` must live on the device of features. A meta tensor mixed with real ones is an error
     (the dispatcher would run a kernel on a tensor that has no data). cpu_number_ok: a CPU scalar
     (the scale) may sit next to accelerator features, never next to meta ones."""
+    if not torch.is_tensor(t):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.device == features.device:
         return
     if cpu_number_ok and t.device.type == "cpu" and features.device.type != "meta":
@@ -159,9 +161,12 @@ def check_eps(eps):
 def check_int(name, value):
     """An integer argument of an op (ignore_index, class_start, num_classes): a Python int (or
     anything with __index__, not bool) in the int64 range. 1.5 is not silently truncated."""
-    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = operator.index(value)
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
     if not INT64_MIN <= value <= INT64_MAX:
         raise ValueError(f"{name} must fit in int64, got {value}")
     return value
@@ -237,8 +242,11 @@ def scale_tensor(scale, features):
     return torch.tensor(value, dtype=acc, device=features.device)
 
 
+_NO_SCALE = object()
+
+
 def check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
-                    scale=None):
+                    scale=_NO_SCALE):
     """The checks of a loss op called directly (torch.ops.normface.triton_*, and the fake
     kernels of the C++ ops): the public API's shape/dtype/device checks, the op's stricter int64
     labels, the integer and shard arguments, and the data checks (one host sync for labels and
@@ -248,13 +256,14 @@ def check_op_inputs(features, weight, labels, ignore_index, class_start, num_cla
         raise ValueError(f"labels must be int64, got {labels.dtype}")
     ignore_index = check_int("ignore_index", ignore_index)
     n = check_shard(class_start, num_classes, weight.shape[0])
-    if scale is not None:
+    has_scale = scale is not _NO_SCALE  # the softmax ops (None there is an error)
+    if has_scale:
         check_scale_tensor(scale, features)
-    if not data_checks_on(features, weight, labels, *(() if scale is None else (scale,))):
+    if not data_checks_on(features, weight, labels, *((scale,) if has_scale else ())):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= n))
     flags = [bad.any()]
-    if scale is not None:
+    if has_scale:
         flags.append(_bad_scale(scale).to(bad.device))
     bad_labels, *bad_scale = torch.stack(flags).tolist()
     if bad_labels:

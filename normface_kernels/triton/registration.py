@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from . import config
-from ..checks import (check_finite, check_hardest, check_logits_inputs, check_margins,
+from ..checks import (check_device, check_finite, check_hardest, check_logits_inputs, check_margins,
                       check_normalize_inputs, check_op_inputs, check_per_sample)
 from .agents import (c_contrastive, c_contrastive_backward, c_triplet_backward,
                      c_triplet_forward, center_loss, center_loss_backward)
@@ -69,9 +69,10 @@ def triton_cosine_logits(features: Tensor, weight: Tensor, scale: Tensor,
 def triton_cosine_logits_backward(grad: Tensor, features: Tensor, weight: Tensor, scale: Tensor,
                                   eps: float) -> Tuple3:
     eps = check_logits_inputs(features, weight, scale, eps)
-    if grad.shape != (features.shape[0], weight.shape[0]) or grad.device != features.device:
-        raise ValueError(f"grad must be ({features.shape[0]}, {weight.shape[0]}) on "
-                         f"{features.device}, got {tuple(grad.shape)} on {grad.device}")
+    check_device("grad", grad, features)
+    if grad.shape != (features.shape[0], weight.shape[0]):
+        raise ValueError(f"grad must have shape (B, C) = ({features.shape[0]}, "
+                         f"{weight.shape[0]}), got {tuple(grad.shape)}")
     return cosine_logits_backward(grad, features, weight, scale, eps)
 
 
