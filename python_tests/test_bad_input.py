@@ -141,6 +141,17 @@ def test_all_meta_inputs_give_meta_results_of_the_right_shape():
     assert nk.l2_normalize(f).shape == (4, 5)
 
 
+@pytest.mark.xfail(strict=True, reason="needs the train branch: a fixed NormFaceLoss scale is "
+                   "used as given, never clamped to 0.01 (issue #12)")
+def test_module_uses_a_small_fixed_scale_as_given():
+    """SPEC "Module": a fixed scale must be finite and > 0 -- and 0.001 is, so it is used."""
+    torch.manual_seed(0)
+    module = nk.NormFaceLoss(5, 6, scale=0.001)
+    f, y = torch.randn(4, 5), torch.arange(4)
+    expected = nk.cosine_softmax(f, module.weight, y, 0.001, backend="reference")
+    torch.testing.assert_close(module(f, y), expected)
+
+
 def test_unavailable_backend_says_what_is_missing():
     f, w, y = torch.randn(4, 5), torch.randn(6, 5), torch.arange(4)
     if not nk.has_cuda_kernels():

@@ -51,7 +51,11 @@ struct Setup {
     for (int64_t j = 0; j < C; ++j) {
       inv_nw[j] = acc_t(1) / nw[j];
       b[j] = mg.normalize_weight ? acc_t(1) : nw[j];
-      col[j] = mg.normalize_weight ? inv_nw[j] : acc_t(1);
+      // b_j / ||W_j|| is 1 when ||W_j|| multiplies the logit -- unless the norm is inf: cos is
+      // then inf / inf, NaN as in the reference, not the +-inf of <f~, W_j> alone.
+      col[j] = mg.normalize_weight ? inv_nw[j]
+                                   : (std::isinf(nw[j]) ? std::numeric_limits<acc_t>::quiet_NaN()
+                                                        : acc_t(1));
     }
     std::vector<acc_t> cos_y(B);
     target_cosines(unit_f.data_ptr<acc_t>(), w.data_ptr<scalar_t>(), nw.data(), labels.target, D,
