@@ -99,6 +99,8 @@ TORCH_LIBRARY(normface, m) {
       "float m1, float m2, float m3, float lam, bool normalize_features, bool normalize_weight, "
       "int ignore_index, int class_start, int num_classes) -> (Tensor loss, Tensor lse)");
   // dL/dz_ij = grad_loss_i (p_ij - [j == y_i]) + grad_lse_i p_ij, with p = exp(z - lse).
+  // An ignored row enters only through a non-zero grad_lse_i; otherwise it contributes nothing,
+  // even when its features are NaN or inf (grad_features row 0).
   m.def(
       "cosine_softmax_backward(Tensor grad_loss, Tensor grad_lse, Tensor features, "
       "Tensor weight, Tensor labels, Tensor scale, Tensor lse, float m1, float m2, float m3, "
