@@ -52,10 +52,11 @@ NF_HOST_DEVICE void margin_target(T cos, T m1, T m2, T m3, T lam, T* t, T* dt_dc
   *dt_dcos = (lam + dpsi) / (T(1) + lam);
 }
 
-// The switch of the data checks (label range, finite scale): they read tensor data, a host-device
-// sync on CUDA tensors. Off (op normface::set_data_checks, Python normface_kernels.set_data_checks)
-// they are skipped on CUDA tensors, so a training step can be captured in a CUDA graph; CPU tensors
-// are always checked. With them off, a label outside [0, C) reads as a target in another shard.
+// The switch of the data checks (label range, scale value, hardest range): they read tensor
+// data, a host-device sync on CUDA tensors. Off (op normface::set_data_checks, Python
+// normface_kernels.set_data_checks) they are skipped on CUDA tensors, so a training step can be
+// captured in a CUDA graph; CPU tensors are always checked. With them off, a label outside
+// [0, C) reads as a target in another shard.
 inline std::atomic<bool>& data_checks_flag() {
   static std::atomic<bool> flag{true};
   return flag;

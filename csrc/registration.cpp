@@ -76,7 +76,8 @@ static bool set_data_checks(bool enabled) { return data_checks_flag().exchange(e
 }  // namespace normface
 
 TORCH_LIBRARY(normface, m) {
-  // Data checks (label range, finite scale) on CUDA tensors on/off; returns the previous setting.
+  // Data checks (label range, scale value, hardest) on CUDA tensors on/off; returns the
+  // previous setting.
   m.def("set_data_checks(bool enabled) -> bool", &normface::set_data_checks);
 
   // Paper eq. 3: x / sqrt(sum x^2 + eps) along the last dim; eq. 4 is its backward.

@@ -4,11 +4,11 @@ input"): each raises ValueError naming the argument, before any kernel runs.
 This module sits below functional.py and triton/registration.py (both import it; it imports
 neither). The C++ ops make the same checks in csrc/common.h.
 
-Data checks: the checks that must read tensor data (label range, finite scale) cost a
-host-device synchronization on CUDA tensors. `set_data_checks(False)` switches them off for the
-Python and the C++ ops alike (on CUDA tensors only; CPU tensors are always checked, where it
-costs nothing), so that a training step makes no synchronization and can be captured in a CUDA
-graph. With them off, a label outside [0, C) is not detected: the kernels then treat it as a
+Data checks: the checks that must read tensor data (label range, scale value, hardest range)
+cost a host-device synchronization on CUDA tensors. `set_data_checks(False)` switches them off
+for the Python and the C++ ops alike (on CUDA tensors only; CPU tensors are always checked, where
+it costs nothing), so that a training step makes no synchronization and can be captured in a
+CUDA graph. With them off, a label outside [0, C) is not detected: the kernels then treat it as a
 target in another shard of the classes (never an out-of-bounds read).
 """
 
@@ -25,8 +25,8 @@ _DATA_CHECKS = True
 
 
 def set_data_checks(enabled):
-    """Switch the data-dependent checks (label range, finite scale) on or off for CUDA tensors.
-    Returns the previous setting. On by default."""
+    """Switch the data-dependent checks (label range, scale value, hardest range) on or off for
+    CUDA tensors. Returns the previous setting. On by default."""
     global _DATA_CHECKS
     previous, _DATA_CHECKS = _DATA_CHECKS, bool(enabled)
     if hasattr(torch.ops.normface, "set_data_checks"):

@@ -92,15 +92,18 @@ def _bad_values(t):
         ("complex", lambda: torch.tensor(1.0 + 1j), None),
         ("int", lambda: torch.tensor(3), None), ("shape_C", lambda: torch.ones(C), None),
         ("meta", lambda: meta(t["s"]), None), ("none", lambda: None, None)]
-    per_sample = [("meta", lambda: meta(t["g"]), None), ("shape_B+1", lambda: torch.ones(B + 1), None),
+    per_sample = [("meta", lambda: meta(t["g"]), None),
+                  ("shape_B+1", lambda: torch.ones(B + 1), None),
                   ("rank2", lambda: torch.ones(B, 1), None),
                   ("int", lambda: torch.ones(B, dtype=torch.int64), None)]
     hinge = [("nan", lambda: NAN, None), ("inf", lambda: INF, None), ("-inf", lambda: -INF, None)]
     return {
         "features": [
             ("rank1", lambda: t["f"][0], None), ("rank3", lambda: t["f"][None], None),
-            ("int", lambda: t["f"].long(), None), ("complex", lambda: t["f"].to(torch.complex64), None),
-            ("meta", lambda: meta(t["f"]), "device"), ("D_mismatch", lambda: t["f"][:, :4], "same D"),
+            ("int", lambda: t["f"].long(), None),
+            ("complex", lambda: t["f"].to(torch.complex64), None),
+            ("meta", lambda: meta(t["f"]), "device"),
+            ("D_mismatch", lambda: t["f"][:, :4], "same D"),
             ("B_mismatch", lambda: t["f"][:3], "labels")],
         "weight": [
             ("rank1", lambda: t["w"][0], None), ("rank3", lambda: t["w"][None], None),
@@ -118,7 +121,8 @@ def _bad_values(t):
         "scale": tensor_scale,
         "m1": [("zero", lambda: 0.0, None), ("negative", lambda: -1.0, None),
                ("half", lambda: 0.5, None), ("nan", lambda: NAN, None), ("inf", lambda: INF, None)],
-        "m2": [("nan", lambda: NAN, None), ("inf", lambda: INF, None), ("-inf", lambda: -INF, None)],
+        "m2": [("nan", lambda: NAN, None), ("inf", lambda: INF, None),
+               ("-inf", lambda: -INF, None)],
         "m3": [("nan", lambda: NAN, None), ("inf", lambda: INF, None)],
         "lam": [("negative", lambda: -1.0, None), ("nan", lambda: NAN, None),
                 ("inf", lambda: INF, None)],
@@ -132,7 +136,8 @@ def _bad_values(t):
         "num_classes": [("below_-1", lambda: -2, None), ("below_C", lambda: C - 1, None),
                         ("2**70", lambda: 2 ** 70, None)],
         "grad_loss": per_sample, "grad_lse": per_sample, "lse": per_sample,
-        "hardest": [("meta", lambda: meta(t["h"]), None), ("shape_B+1", lambda: torch.zeros(B + 1, dtype=torch.int64), None),
+        "hardest": [("meta", lambda: meta(t["h"]), None),
+                    ("shape_B+1", lambda: torch.zeros(B + 1, dtype=torch.int64), None),
                     ("int32", lambda: t["h"].int(), None),
                     ("too_large", lambda: torch.tensor([C, 0, 0, 0]), None),
                     ("below_-1", lambda: torch.tensor([-2, 0, 0, 0]), None)],

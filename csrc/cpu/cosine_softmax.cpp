@@ -75,7 +75,8 @@ struct Setup {
   }
 };
 
-// z_ij of one tile element (SPEC): z_iy at the target column, else s a_i (b_j / ||W_j||) <f~_i, W_j>.
+// z_ij of one tile element (SPEC): z_iy at the target column, else
+// s a_i (b_j / ||W_j||) <f~_i, W_j>.
 // The forward and the backward both compute z here, and the sources are built without
 // floating-point contraction (-ffp-contract=off in setup.py / CMakeLists.txt): the backward must
 // recompute every logit bit-identically, since p = exp(z - lse) turns any difference in z into
