@@ -49,6 +49,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 TRITON_OK = nk.has_triton() and (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1")
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="the Triton ops are not available")
+# The C++ CUDA kernels (GPU machines): the same properties, CUDA dtypes (no float64 there).
+needs_cuda = pytest.mark.skipif(not (HAS_CUDA and nk.has_cuda_kernels()),
+                                reason="needs a CUDA device and the CUDA kernels")
+CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 FUZZ = settings(derandomize=True, deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
@@ -361,6 +365,22 @@ def test_triton_agent_losses_match_reference(case):
     check_against_reference(case, "triton", device=TRITON_DEVICE)
 
 
+@needs_cuda
+@fuzz(100)
+@given(cases("softmax", CUDA_DTYPES, max_b=40, max_c=300, max_d=40))
+def test_cuda_softmax_matches_reference(case):
+    check_against_reference(case, "cuda", device="cuda")
+
+
+@needs_cuda
+@fuzz(100)
+@given(st.sampled_from(AGENT_LOSSES).flatmap(
+    lambda loss: cases(loss, CUDA_DTYPES, max_b=40, max_c=300, max_d=40)))
+def test_cuda_agent_losses_match_reference(case):
+    assume(no_discontinuity(case))
+    check_against_reference(case, "cuda", device="cuda")
+
+
 # ---------------------------------------------------------------------------------------------
 # Huge norms: exact gradients where the softmax is exactly one-hot
 # ---------------------------------------------------------------------------------------------
@@ -440,6 +460,14 @@ def test_triton_exact_at_huge_norms(case):
     check_huge(case, "triton", device=TRITON_DEVICE)
 
 
+@needs_cuda
+@fuzz(40)
+@given(huge_cases([torch.float32]))
+def test_cuda_exact_at_huge_norms(case):
+    assume(one_hot_softmax(case))
+    check_huge(case, "cuda", device="cuda")
+
+
 # ---------------------------------------------------------------------------------------------
 # NaN and inf
 # ---------------------------------------------------------------------------------------------
@@ -447,12 +475,16 @@ def test_triton_exact_at_huge_norms(case):
 POISONS = [math.nan, math.inf, -math.inf]
 
 
+def _poison_dtypes(backend):
+    return [torch.float32] if backend == "cuda" else [torch.float64, torch.float32]
+
+
 @st.composite
-def poisoned(draw, loss, target, max_b=6, max_c=8, max_d=6):
+def poisoned(draw, loss, target, max_b=6, max_c=8, max_d=6, dtypes=(torch.float64,)):
     """A float32/float64 case with NaN or +-inf put into `target`: "ignored" (rows whose label is
     ignore_index), "valid" (a row with a label) or "agent" (a row of W)."""
-    case = draw(cases(loss, [torch.float64, torch.float32], max_b=max_b, max_c=max_c,
-                      max_d=max_d, exps=(-1, 1)))
+    case = draw(cases(loss, list(dtypes), max_b=max_b, max_c=max_c, max_d=max_d,
+                      exps=(-1, 1)))
     B, D = case.f.shape
     value = draw(st.sampled_from(POISONS))
     whole = draw(st.booleans())
@@ -506,14 +538,15 @@ def check_poisoned(case, backend, device="cpu"):
     return out
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=needs_triton),
+                                     pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("loss", ["softmax", "c_contrastive", "c_triplet", "center_loss"])
 def test_nan_in_an_ignored_row_reaches_nothing(loss, backend):
     """SPEC: an ignored sample contributes nothing, even when its features are NaN or inf."""
-    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    device = {"cpu": "cpu", "triton": TRITON_DEVICE, "cuda": "cuda"}[backend]
 
-    @fuzz(30 if backend == "cpu" else 3)
-    @given(poisoned(loss, "ignored"))
+    @fuzz(3 if backend == "triton" else 30)
+    @given(poisoned(loss, "ignored", dtypes=_poison_dtypes(backend)))
     def check(case):
         assume(no_discontinuity(_clean(case)))
         out = check_poisoned(case, backend, device)
@@ -525,14 +558,15 @@ def test_nan_in_an_ignored_row_reaches_nothing(loss, backend):
     check()
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=needs_triton),
+                                     pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("target", ["valid", "agent"])
 @pytest.mark.parametrize("loss", ["softmax", "c_contrastive", "c_triplet", "center_loss"])
 def test_nan_in_a_valid_row_or_agent_gives_nan_where_the_reference_does(loss, target, backend):
-    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    device = {"cpu": "cpu", "triton": TRITON_DEVICE, "cuda": "cuda"}[backend]
 
-    @fuzz(25 if backend == "cpu" else 2)
-    @given(poisoned(loss, target))
+    @fuzz(2 if backend == "triton" else 25)
+    @given(poisoned(loss, target, dtypes=_poison_dtypes(backend)))
     def check(case):
         assume(no_discontinuity(_clean(case)))
         out = check_poisoned(case, backend, device)
