@@ -66,7 +66,10 @@ def _extensions():
     cuda_home = _find_cuda_home() if want_cuda else None
     use_cuda = bool(want_cuda and cuda_home and cuda_sources)
 
-    cxx_flags = ["-O3", "-DNORMFACE_PYTHON_MODULE"]
+    # -ffp-contract=off: no a * b + c fused into an FMA behind our back. The backward recomputes
+    # each logit and must get it bit-identical to the forward (SPEC "Bad input"); GCC contracts
+    # by default in the FMA-capable target_clones, differently in the two passes.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-DNORMFACE_PYTHON_MODULE"]
     if sys.platform != "win32":
         cxx_flags.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]

@@ -65,10 +65,7 @@ static at::Tensor cosine_logits_composite(const at::Tensor& features, const at::
   static auto normalize = c10::Dispatcher::singleton()
                               .findSchemaOrThrow("normface::l2_normalize", "")
                               .typed<at::Tensor(const at::Tensor&, double)>();
-  TORCH_CHECK(features.dim() == 2, "features must be 2-D (B, D), got ", features.dim(), "-D");
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (C, D), got ", weight.dim(), "-D");
-  TORCH_CHECK(features.size(1) == weight.size(1), "features and weight must share D, got ",
-              features.size(1), " and ", weight.size(1));
+  check_logits_args(features, weight, scale, eps);
   at::Tensor cos = at::mm(normalize.call(features, eps), normalize.call(weight, eps).t());
   return cos * scale.to(cos.scalar_type());
 }
@@ -79,7 +76,8 @@ static bool set_data_checks(bool enabled) { return data_checks_flag().exchange(e
 }  // namespace normface
 
 TORCH_LIBRARY(normface, m) {
-  // Data checks (label range, finite scale) on CUDA tensors on/off; returns the previous setting.
+  // Data checks (label range, scale value, hardest) on CUDA tensors on/off; returns the
+  // previous setting.
   m.def("set_data_checks(bool enabled) -> bool", &normface::set_data_checks);
 
   // Paper eq. 3: x / sqrt(sum x^2 + eps) along the last dim; eq. 4 is its backward.
@@ -102,6 +100,8 @@ TORCH_LIBRARY(normface, m) {
       "float m1, float m2, float m3, float lam, bool normalize_features, bool normalize_weight, "
       "int ignore_index, int class_start, int num_classes) -> (Tensor loss, Tensor lse)");
   // dL/dz_ij = grad_loss_i (p_ij - [j == y_i]) + grad_lse_i p_ij, with p = exp(z - lse).
+  // An ignored row enters only through a non-zero grad_lse_i; otherwise it contributes nothing,
+  // even when its features are NaN or inf (grad_features row 0).
   m.def(
       "cosine_softmax_backward(Tensor grad_loss, Tensor grad_lse, Tensor features, "
       "Tensor weight, Tensor labels, Tensor scale, Tensor lse, float m1, float m2, float m3, "

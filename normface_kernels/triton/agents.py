@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from . import config
-from .cosine_softmax_bwd import MODE_CONTRASTIVE, MODE_TRIPLET, grad_features, grad_weight
+from .cosine_softmax_bwd import (MODE_CONTRASTIVE, MODE_TRIPLET, drop_rows, grad_features,
+                                 grad_weight)
 from .cosine_softmax_fwd import local_targets
 from .normalize import acc_dtype, row_norms, unit_backward
 from .tiles import dot_tile, launch, relu_nan, row_ids, target_cosines, wrap_triton
@@ -210,10 +211,17 @@ def _tiled_backward(features, weight, rows, rp_features, rp_weight, mode):
     return gf, racc, grad_w
 
 
+def _drop_ignored(features, labels, ignore_index):
+    """Ignored rows zeroed (drop_rows): they contribute nothing to any gradient, even when NaN;
+    zero features give them a zero grad_f through eq. 4 as well."""
+    return drop_rows(features, labels == ignore_index)
+
+
 def c_contrastive_backward(grad_loss, features, weight, labels, pos_margin, neg_margin,
                            ignore_index, class_start):
     if features.shape[0] == 0 or features.shape[1] == 0:
         return _empty_grads(features, weight)
+    features = _drop_ignored(features, labels, ignore_index)
     rows = agent_rows(features, weight, labels, ignore_index, class_start)
     g = _upstream(grad_loss, rows, target_only=False)
     # Gc_ij = 2 g [neg_margin - d_ij > 0] (j != y), Gc_iy = -2 g [d_iy - pos_margin > 0].
@@ -228,6 +236,7 @@ def c_triplet_backward(grad_loss, features, weight, labels, hardest, margin, har
     B, D = features.shape
     if B == 0 or D == 0:
         return _empty_grads(features, weight)
+    features = _drop_ignored(features, labels, ignore_index)
     rows = agent_rows(features, weight, labels, ignore_index, class_start)
     g = _upstream(grad_loss, rows, target_only=True)
     acc = rows.nf.dtype
@@ -267,6 +276,7 @@ def center_loss_backward(grad_loss, features, weight, labels, ignore_index, clas
     B, D = features.shape
     if B == 0 or D == 0:
         return _empty_grads(features, weight)
+    features = _drop_ignored(features, labels, ignore_index)
     rows = agent_rows(features, weight, labels, ignore_index, class_start)
     g = _upstream(grad_loss, rows, target_only=True)
     acc = rows.nf.dtype

@@ -253,6 +253,13 @@ def grad_weight(features, weight, nf, nw, s, yl, rp, mode, norm_f, norm_w, grad_
     return grad_w
 
 
+def drop_rows(x, dropped):
+    """x with the rows of samples that take no part in the backward replaced by zeros. SPEC: an
+    ignored sample contributes nothing, even when its features are NaN or inf -- zeroed before
+    any product, its NaN cannot reach grad_W through 0 * NaN. The caller zeroes its grad_f."""
+    return torch.where(dropped[:, None], torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
 def softmax_backward(grad_loss, grad_lse, features, weight, labels, scale, lse, m1, m2, m3, lam,
                      normalize_features, normalize_weight, ignore_index, class_start):
     B, D = features.shape
@@ -262,6 +269,11 @@ def softmax_backward(grad_loss, grad_lse, features, weight, labels, scale, lse, 
     if B == 0 or D == 0:
         return grad_f.zero_(), grad_w.zero_(), torch.zeros_like(scale)
     norm_f, norm_w = bool(normalize_features), bool(normalize_weight)
+    # An ignored row without an lse gradient takes no part (its lse, defined for shard merges,
+    # may be NaN too: replaced as well, so that exp(z - lse) stays finite on the zeroed row).
+    dropped = (labels == ignore_index) & (grad_lse == 0)
+    features = drop_rows(features, dropped)
+    lse = torch.where(dropped, torch.zeros((), dtype=lse.dtype, device=lse.device), lse)
     rows = softmax_rows(features, weight, labels, scale, m1, m2, m3, lam, norm_f, norm_w,
                        ignore_index, class_start)
     acc = rows.nf.dtype
@@ -276,5 +288,6 @@ def softmax_backward(grad_loss, grad_lse, features, weight, labels, scale, lse, 
                 norm_w, grad_w, extra_scale=None if norm_w else rows.s)
     # grad_a_i = s sum_j G b h (kernels.md), only when ||f_i|| is a factor of the logits.
     unit_backward(gf, features, extra=None if norm_f else rows.s * racc, out=grad_f)
+    grad_f.masked_fill_(dropped[:, None], 0)
     grad_s = (rows.a * racc).sum()
     return grad_f, grad_w, grad_s.to(device=scale.device, dtype=scale.dtype).reshape(scale.shape)

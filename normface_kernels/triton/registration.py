@@ -12,7 +12,8 @@ from torch import Tensor
 from torch.library import triton_op
 
 from . import config
-from ..checks import check_op_inputs, check_per_sample, tracing
+from ..checks import (check_device, check_finite, check_hardest, check_logits_inputs, check_margins,
+                      check_normalize_inputs, check_op_inputs, check_per_sample)
 from .agents import (c_contrastive, c_contrastive_backward, c_triplet_backward,
                      c_triplet_forward, center_loss, center_loss_backward)
 from .cosine_softmax_bwd import softmax_backward
@@ -45,45 +46,33 @@ def _define(name):
 
 @_define("normface::triton_l2_normalize")
 def triton_l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a floating tensor, got {x.dtype}")
-    return l2_normalize(x, eps)
+    return l2_normalize(x, check_normalize_inputs(x, eps))
 
 
 @_define("normface::triton_l2_normalize_backward")
 def triton_l2_normalize_backward(grad: Tensor, x: Tensor, eps: float) -> Tensor:
-    if grad.shape != x.shape:
-        raise ValueError(f"grad must have the shape of x {tuple(x.shape)}, got "
-                         f"{tuple(grad.shape)}")
-    return l2_normalize_backward(grad, x, eps)
+    return l2_normalize_backward(grad, x, check_normalize_inputs(x, eps, grad))
 
 
 # ---------------------------------------------------------------------------------------------
 # cosine_logits (inference, small C): its own autograd through the backward op below.
 # ---------------------------------------------------------------------------------------------
 
-def _check_logits(features, weight, scale):
-    if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
-        raise ValueError(f"features (B, D) and weight (C, D) must share D, got "
-                         f"{tuple(features.shape)} and {tuple(weight.shape)}")
-    if weight.dtype != features.dtype or not features.is_floating_point():
-        raise ValueError(f"features and weight must have the same floating dtype, got "
-                         f"{features.dtype} and {weight.dtype}")
-    if scale.numel() != 1:
-        raise ValueError(f"scale must be a 0-dim tensor, got shape {tuple(scale.shape)}")
-
-
 @_define("normface::triton_cosine_logits")
 def triton_cosine_logits(features: Tensor, weight: Tensor, scale: Tensor,
                          eps: float = 1e-12) -> Tensor:
-    _check_logits(features, weight, scale)
+    eps = check_logits_inputs(features, weight, scale, eps)
     return cosine_logits(features, weight, scale, eps)
 
 
 @_define("normface::triton_cosine_logits_backward")
 def triton_cosine_logits_backward(grad: Tensor, features: Tensor, weight: Tensor, scale: Tensor,
                                   eps: float) -> Tuple3:
-    _check_logits(features, weight, scale)
+    eps = check_logits_inputs(features, weight, scale, eps)
+    check_device("grad", grad, features)
+    if grad.shape != (features.shape[0], weight.shape[0]):
+        raise ValueError(f"grad must have shape (B, C) = ({features.shape[0]}, "
+                         f"{weight.shape[0]}), got {tuple(grad.shape)}")
     return cosine_logits_backward(grad, features, weight, scale, eps)
 
 
@@ -116,6 +105,7 @@ def triton_cosine_softmax_forward(features: Tensor, weight: Tensor, labels: Tens
                                   normalize_features: bool, normalize_weight: bool,
                                   ignore_index: int, class_start: int,
                                   num_classes: int) -> Tuple2:
+    m1, m2, m3, lam = check_margins(m1, m2, m3, lam)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes, scale)
     return softmax_forward(features, weight, labels, scale, m1, m2, m3, lam, normalize_features,
                            normalize_weight, ignore_index, class_start)
@@ -128,6 +118,7 @@ def triton_cosine_softmax_backward(grad_loss: Tensor, grad_lse: Tensor, features
                                    normalize_features: bool, normalize_weight: bool,
                                    ignore_index: int, class_start: int,
                                    num_classes: int) -> Tuple3:
+    m1, m2, m3, lam = check_margins(m1, m2, m3, lam)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes, scale)
     for name, t in (("grad_loss", grad_loss), ("grad_lse", grad_lse), ("lse", lse)):
         check_per_sample(name, t, features)
@@ -140,11 +131,16 @@ def triton_cosine_softmax_backward(grad_loss: Tensor, grad_lse: Tensor, features
 # Agent losses (paper section 4)
 # ---------------------------------------------------------------------------------------------
 
+def _hinge_margins(pos_margin, neg_margin):
+    return check_finite("pos_margin", pos_margin), check_finite("neg_margin", neg_margin)
+
+
 @_define("normface::triton_c_contrastive")
 def triton_c_contrastive(features: Tensor, weight: Tensor, labels: Tensor,
                          pos_margin: float = 0.0, neg_margin: float = 1.0,
                          ignore_index: int = -100, class_start: int = 0,
                          num_classes: int = -1) -> Tensor:
+    pos_margin, neg_margin = _hinge_margins(pos_margin, neg_margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
     return c_contrastive(features, weight, labels, pos_margin, neg_margin, ignore_index,
                                 class_start)
@@ -155,6 +151,7 @@ def triton_c_contrastive_backward(grad_loss: Tensor, features: Tensor, weight: T
                                   labels: Tensor, pos_margin: float, neg_margin: float,
                                   ignore_index: int, class_start: int,
                                   num_classes: int) -> Tuple2:
+    pos_margin, neg_margin = _hinge_margins(pos_margin, neg_margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
     check_per_sample("grad_loss", grad_loss, features)
     return c_contrastive_backward(grad_loss, features, weight, labels, pos_margin,
@@ -165,6 +162,7 @@ def triton_c_contrastive_backward(grad_loss: Tensor, features: Tensor, weight: T
 def triton_c_triplet_forward(features: Tensor, weight: Tensor, labels: Tensor, margin: float,
                              hardest_only: bool, center: bool, ignore_index: int,
                              class_start: int, num_classes: int) -> Tuple2:
+    margin = check_finite("margin", margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
     return c_triplet_forward(features, weight, labels, margin, hardest_only, center,
                                     ignore_index, class_start)
@@ -175,16 +173,11 @@ def triton_c_triplet_backward(grad_loss: Tensor, features: Tensor, weight: Tenso
                               labels: Tensor, hardest: Tensor, margin: float, hardest_only: bool,
                               center: bool, ignore_index: int, class_start: int,
                               num_classes: int) -> Tuple2:
+    margin = check_finite("margin", margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
     check_per_sample("grad_loss", grad_loss, features)
     if hardest_only:
-        check_per_sample("hardest", hardest, features)
-        if hardest.dtype != torch.int64:
-            raise ValueError(f"hardest must be int64, got {hardest.dtype}")
-        if not tracing(hardest) and hardest.numel() > 0:
-            C = weight.shape[0]
-            if bool(((hardest < -1) | (hardest >= C)).any()):
-                raise ValueError(f"hardest must be in [-1, {C}), got values outside")
+        check_hardest(hardest, features, weight)
     return c_triplet_backward(grad_loss, features, weight, labels, hardest, margin,
                                      hardest_only, center, ignore_index, class_start)
 
