@@ -219,11 +219,6 @@ def _module_cases():
     }
 
 
-# Cases that need the `train` branch (NormFaceLoss: a fixed scale must be finite and > 0,
-# never silently clamped -- SPEC "Module", issue #12 item 5).
-NEEDS_MODULE_SCALE_CHECK = ("module/scale=negative", "module/scale=zero")
-
-
 def cases():
     """name -> (word, thunk). Builds tensors; calls nothing."""
     t = _base()

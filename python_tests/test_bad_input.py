@@ -90,11 +90,7 @@ def worker():
 def _params():
     params = []
     for name in sorted(CASES):
-        marks = ()
-        if name in table.NEEDS_MODULE_SCALE_CHECK:
-            marks = pytest.mark.xfail(strict=True, reason="needs the train branch: a fixed "
-                                      "NormFaceLoss scale must be finite and > 0 (issue #12)")
-        params.append(pytest.param(name, marks=marks, id=name))
+        params.append(pytest.param(name, id=name))
         # Data checks (label range, scale value, hardest range) stay on for CPU tensors even
         # when switched off (set_data_checks(False) only spares CUDA syncs).
         if name.startswith("op:") and name.endswith(table.DATA_CASES):
@@ -141,8 +137,6 @@ def test_all_meta_inputs_give_meta_results_of_the_right_shape():
     assert nk.l2_normalize(f).shape == (4, 5)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the train branch: a fixed NormFaceLoss scale is "
-                   "used as given, never clamped to 0.01 (issue #12)")
 def test_module_uses_a_small_fixed_scale_as_given():
     """SPEC "Module": a fixed scale must be finite and > 0 -- and 0.001 is, so it is used."""
     torch.manual_seed(0)
