@@ -6,6 +6,7 @@ parts run on small inputs. Compiling needs a process without TRITON_INTERPRET (o
 set it for their own process), so those parts run in a subprocess.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,7 +16,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-pytest.importorskip("triton")
+# Not imported here: importing triton before test_triton.py sets TRITON_INTERPRET=1 would break
+# the interpreter for the whole session.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
