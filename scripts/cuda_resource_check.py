@@ -13,6 +13,7 @@ Two sources, both read without a GPU:
 
 Exit 0: no local memory; 1: some kernel uses it, or the build has CUDA kernels but no report was
 found; a CPU-only build (normface_kernels/_build_info.py says so) is skipped with its reason.
+Known exceptions are listed, with the reason, in scripts/cuda_local_memory_allow.txt (--allow).
 """
 
 import argparse
@@ -89,6 +90,13 @@ def demangle(names):
         n: n for n in names}
 
 
+def read_allowlist(path):
+    if not path or not os.path.exists(path):
+        return []
+    lines = [line.strip() for line in open(path)]
+    return [re.compile(line) for line in lines if line and not line.startswith("#")]
+
+
 def _short(name, width=90):
     return name if len(name) <= width else name[:width - 3] + "..."
 
@@ -100,6 +108,9 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--build-info", default=os.path.join(ROOT, "normface_kernels",
                                                              "_build_info.py"))
+    parser.add_argument("--allow", default=os.path.join(ROOT, "scripts",
+                                                        "cuda_local_memory_allow.txt"),
+                        help="file of regular expressions: kernels allowed local memory")
     args = parser.parse_args(argv)
 
     info = {}
@@ -127,26 +138,38 @@ def main(argv=None):
 
     names = sorted(set(usage) | set(log))
     readable = demangle(names)
-    failed = []
+    allowed = read_allowlist(args.allow)
+    used_patterns = set()
+    failed, excused = [], []
     print(f"CUDA kernels of {os.path.relpath(so, ROOT) if so else '?'} for sm_{args.arch} "
           f"(ptxas -v from {'the build log' if log else 'no log'}, cuobjdump "
           f"{'yes' if usage else 'no'})")
     print(f"{'regs':>4} {'stack':>6} {'spill st/ld':>11} {'smem':>6} {'local':>6}  kernel")
+    max_regs = 0
     for name in names:
         u, p = usage.get(name, {}), log.get(name, {})
         regs = u.get("regs", p.get("regs", 0))
+        max_regs = max(max_regs, regs)
         stack = max(u.get("stack", 0), p.get("stack", 0))
         spills = (p.get("spill_stores", 0), p.get("spill_loads", 0))
         local = u.get("local", 0)
-        smem = u.get("shared", p.get("smem", 0))
-        bad = stack > 0 or local > 0 or any(spills)
+        smem = p.get("smem", u.get("shared", 0))  # cuobjdump adds the 1 KB the system reserves
+        mark = ""
+        if stack > 0 or local > 0 or any(spills):
+            match = [pat for pat in allowed if pat.search(readable[name])]
+            used_patterns.update(pat.pattern for pat in match)
+            (excused if match else failed).append(readable[name])
+            mark = "   <- local memory (allowed: listed)" if match else "   <- LOCAL MEMORY"
         spill_text = f"{spills[0]}/{spills[1]}" if p else "-"
         print(f"{regs:>4} {stack:>6} {spill_text:>11} {smem:>6} {local:>6}  "
-              f"{_short(readable[name])}{'   <- LOCAL MEMORY' if bad else ''}")
-        if bad:
-            failed.append(readable[name])
-    print(f"{len(names)} kernels, max registers {max((usage.get(n, log.get(n, {})).get('regs', 0) for n in names), default=0)}, "
-          f"{len(failed)} with local memory (spills or a stack frame)")
+              f"{_short(readable[name])}{mark}")
+    print(f"{len(names)} kernels, max registers {max_regs}, {len(failed) + len(excused)} with "
+          f"local memory (spills or a stack frame), {len(excused)} of them allowed by "
+          f"{os.path.relpath(args.allow, ROOT) if allowed else 'no list'}")
+    for pattern in allowed:
+        if pattern.pattern not in used_patterns:
+            print(f"stale allowlist entry (matches no kernel with local memory; remove it): "
+                  f"{pattern.pattern}")
     if failed:
         print("cuda_resource_check FAILED: local memory in " + "; ".join(_short(f, 60)
                                                                   for f in failed))
