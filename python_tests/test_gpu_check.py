@@ -152,3 +152,28 @@ arch = sm_90
     (tmp_path / "info.py").write_text("CUDA = False\nCUDA_SKIPPED_BECAUSE = 'NORMFACE_NO_CUDA=1'\n")
     (tmp_path / "build.log").write_text("")
     assert check.main(args) == 0
+
+
+def test_stages_pass_fail_time_out_and_respect_the_budget(tmp_path):
+    gpu_check = _script("gpu_check")
+    py = sys.executable
+    passing = gpu_check.Stage("nccl", 30, [[py, "-c", "print('KEY all good')"]], "smoke.log")
+    failing = gpu_check.Stage("sync-graph", 30, [[py, "-c", "import sys; sys.exit(3)"],
+                                                 [py, "-c", "print('never')"]], "smoke.log")
+    # The child and its grandchild are both killed at the cap (process group).
+    slow = gpu_check.Stage("memcheck", 2, [[py, "-c", "import subprocess, sys; subprocess.run("
+                                            "[sys.executable, '-c', 'import time; "
+                                            "time.sleep(60)'])"]], "sanitizer.log")
+    late = gpu_check.Stage("racecheck", 30, [[py, "-c", "pass"]], "sanitizer.log")
+    with open(tmp_path / "gpu-check.log", "w") as log:
+        deadline = time.monotonic() + 300
+        start = time.monotonic()
+        for stage in (passing, failing, slow):
+            gpu_check.run_stage(stage, str(tmp_path), deadline, log)
+        assert time.monotonic() - start < 40
+        gpu_check.run_stage(late, str(tmp_path), time.monotonic() + 5, log)
+    assert passing.status == "passed" and passing.key == ["all good"]
+    assert failing.status == "FAILED (exit 3)"
+    assert "never" not in (tmp_path / "smoke.log").read_text()
+    assert slow.status.startswith("TIMED OUT")
+    assert late.status == "skipped (budget)"

@@ -172,7 +172,9 @@ def run_stage(stage, out, deadline, driver_log):
     stage.seconds = time.monotonic() - start
     with open(os.path.join(out, stage.log)) as f:
         text = f.read()
-    stage.key = key_numbers(stage, text[text.rfind(f"==== {stage.name}: {shlex.join(stage.commands[0])}"):])
+    # This stage's part of the log (several stages share a log file).
+    first = f"==== {stage.name}: {shlex.join(stage.commands[0])}"
+    stage.key = key_numbers(stage, text[text.rfind(first):])
 
 
 # ---------------------------------------------------------------------------------------------
