@@ -28,6 +28,7 @@ Without a CUDA GPU it stops at once with a message (exit 2); exit 1 if any stage
 """
 
 import argparse
+import glob
 import os
 import re
 import shlex
@@ -45,6 +46,7 @@ MAX_FILE = 16 * 2 ** 20 - 2 ** 16  # the device tool brings back files up to 16 
 FILES = ("summary.md", "gpu-check.log", "build.log", "tests.log", "smoke.log", "sanitizer.log",
          "bench.log", "bench.tar.gz")
 RESERVE = 15  # seconds kept for the summary
+BENCH_CLASSES = (16_384, 131_072, 1_048_576)
 
 
 @dataclass
@@ -66,7 +68,7 @@ def stages(py, bench_dir, jobs):
     xdist = _has_module(py, "xdist")
     parallel = (lambda n: ["-n", str(n)]) if xdist else (lambda n: [])
     pytest = [py, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider"]
-    sanitizer = ["compute-sanitizer", "--error-exitcode", "1", "--print-limit", "20"]
+    sanitizer = [find_tool("compute-sanitizer"), "--error-exitcode", "1", "--print-limit", "20"]
     smoke_ops = [py, "scripts/gpu_smoke_ops.py", "--device", "cuda", "--backends", "cuda"]
     bench = [py, "-m", "normface_kernels.bench", "--out", bench_dir, "--no-progress"]
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")
@@ -85,11 +87,13 @@ def stages(py, bench_dir, jobs):
                                     + parallel(min(jobs, 8))], "tests.log"),
         Stage("sync-graph", 120, [[py, "scripts/gpu_smoke_graph.py"]], "smoke.log"),
         Stage("nccl", 90, [[py, "scripts/gpu_smoke_nccl.py", "--device", "cuda"]], "smoke.log"),
+        # One run per C: a timeout loses only the sizes not yet measured.
         Stage("bench-rows", 240, [bench + [
             "--device", "cuda", "--ops", "normface", "--passes", "fwd_bwd", "--B", "1024",
-            "--D", "512", "--C", "16384,131072,1048576", "--dtypes", "bfloat16", "--backends",
+            "--D", "512", "--C", str(c), "--dtypes", "bfloat16", "--backends",
             "triton,cuda,gemm_floor,reference,torch_compile", "--compile", "--no-targets",
-            "--name", "cosine-softmax-bf16"]], "bench.log"),
+            "--name", f"cosine-softmax-bf16-C{c}"] for c in BENCH_CLASSES], "bench.log",
+              what="B=1024, D=512, C=" + ", ".join(f"{c:,}" for c in BENCH_CLASSES)),
         Stage("bench-targets", 120, [bench + ["--targets-only", "--device", "cpu", "--name",
                                               "targets"]], "bench.log",
               what="the foundation targets (CPU measurements)"),
@@ -98,6 +102,19 @@ def stages(py, bench_dir, jobs):
         Stage("racecheck", 120, [sanitizer + ["--tool", "racecheck"] + smoke_ops + ["--quick"]],
               "sanitizer.log"),
     ]
+
+
+def find_tool(name):
+    """A CUDA tool on PATH or in the toolkit's usual places (the bare name if none is found)."""
+    if shutil.which(name):
+        return shutil.which(name)
+    homes = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    homes += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in filter(None, homes):
+        for candidate in (os.path.join(home, "bin", name), os.path.join(home, name, name)):
+            if os.path.exists(candidate):
+                return candidate
+    return name
 
 
 def _has_module(py, name):
@@ -218,11 +235,13 @@ def _bench_table(out):
     path = os.path.join(out, "bench.log")
     if not os.path.exists(path):
         return []
-    text = open(path).read()
-    start = text.find("==== bench-rows:")
-    end = text.find("==== bench-targets:")
-    rows = text[start:end if end > start else None].splitlines() if start >= 0 else []
-    return [r for r in rows if re.search(r"\d+\.?\d*x\s", r) or re.match(r"^op\s", r)][:24]
+    rows, header = [], []
+    for section in open(path).read().split("\n==== "):
+        if section.startswith("bench-rows:"):
+            lines = section.splitlines()
+            header = header or [r for r in lines if re.match(r"^op\s", r)][:1]
+            rows += [r for r in lines if re.search(r"\d\.\d+x\s", r)]
+    return header + rows[:24]
 
 
 def write_summary(out, all_stages, info, started, budget):
@@ -284,6 +303,11 @@ def machine_info(py):
     if nvcc:
         ver = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
         gpu += ", nvcc " + (re.findall(r"release ([\d.]+)", ver) or ["?"])[0]
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.sm,clocks.max.sm,"
+                              "temperature.gpu,memory.used", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=60)
+        gpu += f", driver/SM clock/max/temp/mem used: {smi.stdout.strip()}"
     return gpu + f", {os.cpu_count()} CPUs"
 
 
