@@ -67,7 +67,7 @@ def test_without_a_gpu_it_stops_at_once(tmp_path):
 
 def test_results_fit_the_device_tools_limits(tmp_path):
     gpu_check = _script("gpu_check")
-    stages = gpu_check.stages(sys.executable, str(tmp_path / "bench"), 16)
+    stages = gpu_check.stages(sys.executable, str(tmp_path), str(tmp_path / "bench"), 16)
     assert [s.name for s in stages] == list(STAGES)
     assert {s.log for s in stages} | {"summary.md", "gpu-check.log", "bench.tar.gz"} == set(
         gpu_check.FILES)

@@ -63,8 +63,8 @@ class Stage:
     key: list = field(default_factory=list)
 
 
-def stages(py, bench_dir, jobs):
-    """The stages with their commands (py: this machine's python with torch)."""
+def stages(py, out, bench_dir, jobs):
+    """The stages with their commands (py: this machine's python with torch; out: DIR)."""
     xdist = _has_module(py, "xdist")
     parallel = (lambda n: ["-n", str(n)]) if xdist else (lambda n: [])
     pytest = [py, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider"]
@@ -77,7 +77,7 @@ def stages(py, bench_dir, jobs):
               dict(MAX_JOBS=str(jobs), TORCH_CUDA_ARCH_LIST=arch),
               f"extension for sm_{arch.replace('.', '')}, MAX_JOBS={jobs}"),
         Stage("cuda-resources", 60, [[py, "scripts/cuda_resource_check.py", "--log",
-                                      "build/normface-build.log"]], "build.log",
+                                      os.path.join(out, "build.log")]], "build.log",
               what="no local memory in any CUDA kernel (sm_90)"),
         Stage("cuda-tests", 150, [pytest + ["python_tests/test_cuda_backend.py",
                                             "python_tests/test_cuda_registration.py"]
@@ -338,7 +338,7 @@ def main(argv=None):
 
     out = os.path.abspath(args.out)
     bench_dir = os.path.join(tempfile.gettempdir(), "normface-gpu-check-bench")
-    all_stages = stages(args.python, bench_dir, args.jobs)
+    all_stages = stages(args.python, out, bench_dir, args.jobs)
     names = [s.name for s in all_stages]
     for option in (args.only, args.skip):
         unknown = [n for n in option.split(",") if n and n not in names]
