@@ -1,0 +1,173 @@
+// The chunk plan, its GEMMs, and the small helpers every op of the chunked path shares.
+#include "chunked/chunked.h"
+
+#include <algorithm>
+#include <atomic>
+
+namespace normface {
+namespace chunked {
+
+namespace {
+std::atomic<int64_t>& budget_setting() {
+  static std::atomic<int64_t> bytes{0};  // 0: the default
+  return bytes;
+}
+}  // namespace
+
+int64_t set_chunk_budget(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "set_chunk_budget: bytes must be >= 0 (0 restores the default), got ",
+              bytes);
+  return budget_setting().exchange(bytes);
+}
+
+int64_t chunk_budget() {
+  const int64_t bytes = budget_setting().load(std::memory_order_relaxed);
+  return bytes > 0 ? bytes : kDefaultChunkBudget;
+}
+
+at::ScalarType operand_dtype(at::ScalarType dtype, const at::Device& device) {
+  return device.is_cuda() && is_16bit(dtype) ? dtype : acc_dtype(dtype);
+}
+
+int64_t ChunkPlan::chunk_size(int64_t B, int64_t C, int64_t D, at::ScalarType dtype,
+                              const at::Device& device) {
+  const at::ScalarType acc = acc_dtype(dtype), op = operand_dtype(dtype, device);
+  const int64_t acc_bytes = c10::elementSize(acc);
+  // Per class: its column of S, of the 16-bit P (CUDA), its row of V and (CPU, 16-bit) of the
+  // converted W chunk.
+  int64_t per_class = B * acc_bytes + D * acc_bytes;
+  if (op != acc) per_class += B * c10::elementSize(op);
+  if (op == acc && dtype != acc) per_class += D * acc_bytes;
+  int64_t chunk = chunk_budget() / std::max<int64_t>(per_class, 1);
+  // GEMM-friendly widths once the chunk is wide enough to care.
+  if (chunk >= 256) chunk -= chunk % 128;
+  return std::max<int64_t>(1, std::min(chunk, C));
+}
+
+ChunkPlan::ChunkPlan(const at::Tensor& f_op, const at::Tensor& w)
+    : B(f_op.size(0)), C(w.size(0)), D(w.size(1)), f_(f_op), w_(w) {
+  acc = acc_dtype(w.scalar_type());
+  op = f_op.scalar_type();
+  TORCH_INTERNAL_ASSERT(op == operand_dtype(w.scalar_type(), w.device()));
+  chunk = chunk_size(B, C, D, w.scalar_type(), w.device());
+  out_fp32_ = op != acc;
+  convert_w_ = op == acc && w.scalar_type() != acc;
+  const auto acc_opts = w.options().dtype(acc);
+  s_buf_ = at::empty({B * chunk}, acc_opts);
+  if (convert_w_) w_buf_ = at::empty({chunk * D}, acc_opts);
+}
+
+at::Tensor ChunkPlan::weight_chunk(int64_t j0, int64_t n) {
+  at::Tensor rows = w_.narrow(0, j0, n);
+  if (!convert_w_) return rows;
+  at::Tensor view = w_buf_.narrow(0, 0, n * D).view({n, D});
+  view.copy_(rows);
+  return view;
+}
+
+at::Tensor ChunkPlan::logits(int64_t j0, int64_t n) {
+  wc_ = weight_chunk(j0, n);
+  at::Tensor S = s_buf_.narrow(0, 0, B * n).view({B, n});
+  if (out_fp32_) {
+    at::mm_out(S, f_, wc_.t(), acc);  // mm.dtype_out: 16-bit operands, float32 output
+  } else {
+    at::mm_out(S, f_, wc_.t());
+  }
+  return S;
+}
+
+at::Tensor ChunkPlan::grad_operand(const at::Tensor& S) {
+  if (op == acc) return S;
+  const int64_t n = S.size(1);
+  if (!p_buf_.defined()) p_buf_ = at::empty({B * chunk}, S.options().dtype(op));
+  return p_buf_.narrow(0, 0, B * n).view({B, n});
+}
+
+void ChunkPlan::add_grad_features(at::Tensor& U, const at::Tensor& P) {
+  if (out_fp32_) {
+    if (!u_tmp_.defined()) u_tmp_ = at::empty_like(U);
+    at::mm_out(u_tmp_, P, wc_, acc);
+    U.add_(u_tmp_);
+  } else {
+    U.addmm_(P, wc_);
+  }
+}
+
+at::Tensor ChunkPlan::grad_weight(const at::Tensor& P) {
+  const int64_t n = P.size(1);
+  if (!v_buf_.defined()) v_buf_ = at::empty({chunk * D}, P.options().dtype(acc));
+  at::Tensor V = v_buf_.narrow(0, 0, n * D).view({n, D});
+  if (out_fp32_) {
+    at::mm_out(V, P.t(), f_, acc);
+  } else {
+    at::mm_out(V, P.t(), f_);
+  }
+  return V;
+}
+
+at::Tensor gemm_features(const at::Tensor& f, const at::Tensor& keep, at::ScalarType op) {
+  at::Tensor out = at::empty(f.sizes(), f.options().dtype(op));
+  out.copy_(f);
+  // masked_fill with a Scalar: a select (0 even where f is NaN), and no host sync.
+  if (keep.defined()) out.masked_fill_(keep.logical_not().unsqueeze(1), 0);
+  return out;
+}
+
+Targets local_targets(const at::Tensor& labels, int64_t ignore_index, int64_t class_start,
+                      int64_t C) {
+  Targets t;
+  t.valid = labels.ne(ignore_index);
+  const at::Tensor local = labels - class_start;
+  t.has = t.valid.logical_and(local.ge(0)).logical_and(local.lt(C));
+  t.target = at::where(t.has, local, at::scalar_tensor(-1, labels.options()));
+  return t;
+}
+
+std::tuple<at::Tensor, at::Tensor> norms(const at::Tensor& x, double eps) {
+  const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
+  at::Tensor norm = at::empty({x.size(0)}, opts), inv = at::empty({x.size(0)}, opts);
+  if (x.size(0) > 0) NF_ON_DEVICE(x, row_norms, x, eps, norm, inv);
+  return {norm, inv};
+}
+
+at::Tensor pair_cosines(const at::Tensor& f, const at::Tensor& w, const at::Tensor& index,
+                        const at::Tensor& inv_nf, const at::Tensor& inv_nw) {
+  at::Tensor cos = at::empty({f.size(0)}, inv_nf.options());
+  if (f.size(0) > 0) NF_ON_DEVICE(f, pair_cosines, f, w, index, inv_nf, inv_nw, cos);
+  return cos;
+}
+
+at::Tensor device_scale(const at::Tensor& scale, const at::Tensor& like, at::ScalarType acc) {
+  // A CPU scale with CUDA inputs is copied once (host to device, no device sync).
+  return scale.reshape({}).to(like.device(), acc).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> float16_grad_scale(at::ScalarType dtype,
+                                                      const at::Tensor& bound) {
+  if (dtype != at::kHalf) return {};
+  // 2^e with e = 14 - ceil(log2 bound), and 2^-e, built from their bits (exact powers of two);
+  // e = 0 when the bound is 0 or not finite (nothing to scale, or a NaN to propagate).
+  at::Tensor e = at::ceil(at::log2(bound.to(at::kFloat)));
+  e = at::where(at::isfinite(e), 14.0 - e, at::zeros_like(e)).clamp(-100, 100).to(at::kInt);
+  const at::Tensor scale = (e + 127).bitwise_left_shift(23).view(at::kFloat);
+  const at::Tensor inverse = (127 - e).bitwise_left_shift(23).view(at::kFloat);
+  return {scale, inverse};
+}
+
+void finish_rows(const at::Tensor& U, int64_t offset, const at::Tensor& index,
+                 const FinishArgs& a) {
+  if (U.size(0) == 0) return;
+  NF_ON_DEVICE(U, finish_rows, U, offset, index, a);
+}
+
+void check_per_sample(const char* name, const at::Tensor& t, const at::Tensor& features) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == features.size(0), name, " must have shape (B,) = (",
+              features.size(0), "), got ", t.sizes());
+  TORCH_CHECK(t.device() == features.device(), name, " must be on the device of features (",
+              features.device(), "), got ", t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating, got ",
+              t.scalar_type());
+}
+
+}  // namespace chunked
+}  // namespace normface
