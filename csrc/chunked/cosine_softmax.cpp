@@ -72,8 +72,11 @@ std::tuple<at::Tensor, at::Tensor> cosine_softmax_forward(
   const at::Tensor f_op = gemm_features(st.f, at::Tensor(), operand_dtype(st.f.scalar_type(),
                                                                           st.f.device()));
   ChunkPlan plan(f_op, st.w);
-  at::Tensor run_max = at::full({B}, -std::numeric_limits<double>::infinity(), acc_opts);
-  at::Tensor run_sum = at::zeros({B}, acc_opts);
+  // The running (max, sum) in float64: the chunks' partial sums are added to it one by one, and
+  // a float32 sum near 1 would drop each chunk's share below its rounding (many small chunks).
+  const auto run_opts = acc_opts.dtype(at::kDouble);
+  at::Tensor run_max = at::full({B}, -std::numeric_limits<double>::infinity(), run_opts);
+  at::Tensor run_sum = at::zeros({B}, run_opts);
   for (int64_t c = 0; c < plan.num_chunks(); ++c) {
     const int64_t j0 = plan.start(c);
     const at::Tensor S = plan.logits(j0, plan.size(c));
@@ -81,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_softmax_forward(
   }
   // lse is defined for every row (ignored ones too, over the plain logits); loss = lse - z_iy,
   // or lse when the target is in another shard, and exactly 0 on ignored rows (a select).
-  const at::Tensor lse = run_max + run_sum.log();
+  const at::Tensor lse = (run_max + run_sum.log()).to(acc_opts.dtype());
   const at::Tensor own = at::where(st.targets.has, lse - st.field(kZ), lse);
   const at::Tensor loss = at::where(st.targets.valid, own, at::zeros_like(own));
   return {loss, lse};

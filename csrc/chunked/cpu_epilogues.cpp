@@ -49,7 +49,7 @@ void round_through(T* row, int64_t n, at::ScalarType dtype) {
 // z of one row of a chunk (written over S) and its merge into the running (max, sum).
 template <typename T>
 NF_SIMD_CLONES void softmax_forward_row(T* row, int64_t n, int64_t y, T s, T A, T zy,
-                                        const T* col, T* run_max, T* run_sum) {
+                                        const T* col, double* run_max, double* run_sum) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) {
@@ -65,7 +65,7 @@ NF_SIMD_CLONES void softmax_forward_row(T* row, int64_t n, int64_t y, T s, T A, 
 #pragma omp simd reduction(+ : l)
     for (int64_t j = 0; j < n; ++j) l += Exp<T>()(row[j] - m);
   }
-  lse_merge(*run_max, *run_sum, m, l, Exp<T>());
+  lse_merge(*run_max, *run_sum, static_cast<double>(m), static_cast<double>(l), Exp<double>());
 }
 
 // P = dL/dS of one row (over S), returns sum_j G_ij v_ij.
@@ -289,8 +289,8 @@ void softmax_forward_chunk(const at::Tensor& S, int64_t j0, const SoftmaxTerms& 
     const T* zy = t.table[kZ].data_ptr<T>();
     const T* col = ptr_or_null<T>(t.col_factor, j0);
     const T s = *t.scale.data_ptr<T>();
-    T* mp = run_max.data_ptr<T>();
-    T* lp = run_sum.data_ptr<T>();
+    double* mp = run_max.data_ptr<double>();
+    double* lp = run_sum.data_ptr<double>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         softmax_forward_row(sp + i * n, n, yp[i] - j0, s, A[i], zy[i], col, mp + i, lp + i);

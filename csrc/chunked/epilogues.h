@@ -100,7 +100,7 @@ struct FinishArgs {
   void softmax_rows(const at::Tensor& cos_y, const at::Tensor& target, const at::Tensor& nf,    \
                     const at::Tensor& nw, const at::Tensor& scale, const Margins& mg,           \
                     at::Tensor& table);                                                          \
-  /* Forward: z of the chunk merged into each row's running (max, sum) of exp. */               \
+  /* Forward: z of the chunk merged into each row's running (max, sum) of exp (float64). */     \
   void softmax_forward_chunk(const at::Tensor& S, int64_t j0, const SoftmaxTerms& t,            \
                              at::Tensor& run_max, at::Tensor& run_sum);                         \
   /* Backward: P = dL/dS (times gc_scale) in P's dtype (P may alias S); row_acc_i += */          \
