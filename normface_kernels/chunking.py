@@ -8,7 +8,7 @@ tensors too (the same orchestration as on CUDA, with CPU epilogues), e.g. to tes
 
 ``set_chunk_budget(nbytes)`` bounds the bytes of a chunk's buffers (the (B, Cc) float32 logits and
 gradient operand, the (Cc, D) gradient of W), which sets the chunk width Cc; 0 restores the
-default (256 MiB).
+defaults (the L2 cache on CUDA, capped at 256 MiB; see docs/kernels.md for CPU).
 """
 
 import contextlib

@@ -153,36 +153,66 @@ at::Tensor dense_backward(const Setup& st, AgentTerms& t, at::Tensor& active_cou
         at::kHalf, top * st.inv_nf.amax() * st.inv_nw.amax());
   }
   const at::Tensor f_op = gemm_features(st.f, t.active, st.op());
-  ChunkPlan plan(f_op, st.w);
-  at::Tensor U = at::zeros({st.B, st.D}, st.acc_opts());
+  ChunkWalk walk(f_op, st.w);
+  at::Tensor U = at::zeros({walk.workers, st.B, st.D}, st.acc_opts());
+  at::Tensor counts;
+  if (active_count.defined()) counts = at::zeros({walk.workers, st.B}, st.acc_opts());
   FinishArgs to_w = weight_finish(st, grad_w);
   to_w.u_scale = u_scale;
   if (held != nullptr) {
     to_w.redirect = held->redirect;
     to_w.held = held->rows;
   }
-  for (int64_t c = 0; c < plan.num_chunks(); ++c) {
-    const int64_t j0 = plan.start(c);
-    const at::Tensor S = plan.logits(j0, plan.size(c));
-    at::Tensor P = plan.grad_operand(S);
-    NF_ON_DEVICE(S, agent_backward_chunk, S, P, j0, t, active_count);
-    plan.add_grad_features(U, P);
-    finish_rows(plan.grad_weight(P), j0, at::Tensor(), to_w);
-  }
-  return U;
+  walk.run([&](int64_t worker_index, ChunkWorker& worker, int64_t j0, int64_t n) {
+    const at::Tensor S = worker.logits(j0, n);
+    at::Tensor P = worker.grad_operand(S);
+    at::Tensor count = counts.defined() ? counts[worker_index] : at::Tensor();
+    at::Tensor U_part = U[worker_index];
+    NF_ON_DEVICE(S, agent_backward_chunk, S, P, j0, t, count);
+    worker.add_grad_features(U_part, P);
+    finish_rows(worker.grad_weight(P), j0, at::Tensor(), to_w);
+  });
+  if (counts.defined()) active_count.copy_(counts.sum(0));
+  return U.sum(0);
 }
 
 // sum over the negatives of hinge(bound_i, d_ij), by a chunk loop.
 at::Tensor hinge_sums(const Setup& st, const at::Tensor& bound) {
   const AgentTerms t = st.terms(bound);
-  ChunkPlan plan(gemm_features(st.f, at::Tensor(), st.op()), st.w);
-  at::Tensor sums = at::zeros({st.B}, st.acc_opts());
-  for (int64_t c = 0; c < plan.num_chunks(); ++c) {
-    const int64_t j0 = plan.start(c);
-    const at::Tensor S = plan.logits(j0, plan.size(c));
-    NF_ON_DEVICE(S, agent_forward_chunk, S, j0, t, sums);
+  ChunkWalk walk(gemm_features(st.f, at::Tensor(), st.op()), st.w);
+  at::Tensor sums = at::zeros({walk.workers, st.B}, st.acc_opts());
+  walk.run([&](int64_t worker_index, ChunkWorker& worker, int64_t j0, int64_t n) {
+    const at::Tensor S = worker.logits(j0, n);
+    at::Tensor part = sums[worker_index];
+    NF_ON_DEVICE(S, agent_forward_chunk, S, j0, t, part);
+  });
+  return sums.sum(0);
+}
+
+// The nearest wrong agent of each row by a chunk loop: (distance from the GEMM, local index).
+// Workers hold increasing class ranges: merged in order, a later one wins only strictly
+// (argmin_before: NaN first, then the smaller distance, then the smaller index).
+std::tuple<at::Tensor, at::Tensor> hardest_negatives(const Setup& st, const at::Tensor& bound) {
+  const AgentTerms t = st.terms(bound);
+  ChunkWalk walk(gemm_features(st.f, at::Tensor(), st.op()), st.w);
+  const int64_t T = walk.workers;
+  at::Tensor best_d = at::full({T, st.B}, std::numeric_limits<double>::infinity(), st.acc_opts());
+  at::Tensor best_k = at::full({T, st.B}, -1, st.targets.target.options());
+  walk.run([&](int64_t worker_index, ChunkWorker& worker, int64_t j0, int64_t n) {
+    const at::Tensor S = worker.logits(j0, n);
+    at::Tensor d = best_d[worker_index], k = best_k[worker_index];
+    NF_ON_DEVICE(S, argmin_chunk, S, j0, t, d, k);
+  });
+  at::Tensor d = best_d[0], k = best_k[0];
+  for (int64_t w = 1; w < T; ++w) {
+    const at::Tensor dw = best_d[w], kw = best_k[w];
+    const at::Tensor take =
+        kw.ge(0).logical_and(k.lt(0).logical_or(dw.isnan().logical_and(d.isnan().logical_not()))
+                                 .logical_or(dw.lt(d)));
+    d = at::where(take, dw, d);
+    k = at::where(take, kw, k);
   }
-  return sums;
+  return {d, k};
 }
 
 at::Tensor empty_losses(const at::Tensor& features) {
@@ -246,15 +276,7 @@ std::tuple<at::Tensor, at::Tensor> c_triplet_forward(
   if (hardest_only) {
     // Running argmin over the chunks (first index on ties, NaN wins), then d_ik* from a direct
     // dot, as the backward computes it.
-    const AgentTerms t = st.terms(bound);
-    ChunkPlan plan(gemm_features(st.f, at::Tensor(), st.op()), st.w);
-    at::Tensor best_d = at::full({st.B}, std::numeric_limits<double>::infinity(), st.acc_opts());
-    at::Tensor best_k = at::full({st.B}, -1, long_opts);
-    for (int64_t c = 0; c < plan.num_chunks(); ++c) {
-      const int64_t j0 = plan.start(c);
-      const at::Tensor S = plan.logits(j0, plan.size(c));
-      NF_ON_DEVICE(S, argmin_chunk, S, j0, t, best_d, best_k);
-    }
+    const at::Tensor best_k = std::get<1>(hardest_negatives(st, bound));
     hardest = at::where(st.targets.valid, best_k, at::scalar_tensor(-1, long_opts));
     // No negative (C = 1): d = +inf, the hinge relu(-inf) = 0.
     const at::Tensor d_k = at::where(best_k.ge(0), st.distances(best_k),

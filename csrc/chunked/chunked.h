@@ -9,9 +9,13 @@
 
 #include <ATen/ATen.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "chunked/epilogues.h"
 #include "common.h"
@@ -24,13 +28,19 @@ namespace chunked {
 // ---------------------------------------------------------------------------------------------
 
 // Bytes of the per-chunk buffers (the (B, Cc) GEMM output and gradient operand, the (Cc, D)
-// gradient of W). The default keeps them at <= 1-2% of the eager reference's extra memory
-// (about 12 B C float32 values): 256 MiB, Cc = 32k classes at B = 1024, D = 512, float16.
-constexpr int64_t kDefaultChunkBudget = int64_t{256} << 20;
+// gradient of W), which set the chunk width Cc. The bound: at most 1-2% of the eager
+// reference's extra memory (about 12 B C float32 values), 256 MiB at B = 1024. Within it the
+// default is the device's L2 cache on CUDA (the epilogue then reads the GEMM's output from L2,
+// not HBM: ~6k classes at B = 1024, D = 512, 16-bit, on an H100; not measured yet) and 4 MiB on
+// CPU (a thread's chunk buffers about its L2 cache; 1-8 MiB measured alike, 256 MiB 1.5x slower
+// at B = 256, D = 128, C = 50k on 2 cores).
+constexpr int64_t kMaxDefaultChunkBudget = int64_t{256} << 20;
+constexpr int64_t kDefaultCpuChunkBudget = int64_t{4} << 20;
 
-// Sets the budget (bytes > 0; 0 restores the default) and returns the previous one.
+// Sets the budget for every device (bytes > 0; 0 restores the defaults), returns the previous
+// setting (0 for the defaults).
 int64_t set_chunk_budget(int64_t bytes);
-int64_t chunk_budget();
+int64_t chunk_budget(const at::Device& device);
 
 // Which kernels the loss ops run on CPU tensors: "blocked" (csrc/cpu, the default) or "chunked"
 // (this path). Returns the previous setting.
@@ -46,48 +56,84 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
 
 inline bool is_16bit(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
-// The classes [0, C) in chunks of `chunk` classes, and the buffers and GEMMs of one chunk.
+// One worker's chunk buffers and GEMMs.
 //
 // GEMM operands: on CUDA the input dtype (float16/bfloat16 GEMMs with float32 output through
 // at::mm's out_dtype; float32 under the allow_tf32 rules); on CPU the acc dtype (16-bit rows of W
 // are converted chunk by chunk: CPU BLAS has no fast 16-bit GEMM with a float32 output). The
 // gradient operand P is cast to the input dtype on CUDA, and rounded through it on CPU, so both
 // devices multiply the same values.
-//
-// The chunk size depends only on (B, D, dtype, device, budget): the forward and the backward see
-// the same chunks, and so the same GEMM shapes and bit-identical logits.
-class ChunkPlan {
+class ChunkWorker {
  public:
   // f_op: the features as GEMM operand (gemm_features); w: (C, D) contiguous weight.
-  ChunkPlan(const at::Tensor& f_op, const at::Tensor& w);
-
-  int64_t B, C, D;
-  int64_t chunk;             // classes per chunk (the last one may be smaller)
-  at::ScalarType acc, op;    // accumulation and GEMM operand dtypes
-  int64_t num_chunks() const { return (C + chunk - 1) / chunk; }
-  int64_t start(int64_t c) const { return c * chunk; }
-  int64_t size(int64_t c) const { return std::min(chunk, C - c * chunk); }
+  ChunkWorker(const at::Tensor& f_op, const at::Tensor& w, int64_t chunk);
 
   // S = f_op W_c^T for the classes [j0, j0 + n): (B, n) acc, a view of the chunk buffer.
   at::Tensor logits(int64_t j0, int64_t n);
-  // The buffer the backward epilogue writes P into: S itself when op == acc.
+  // The buffer the backward epilogue writes P into: S itself when the operand dtype is acc.
   at::Tensor grad_operand(const at::Tensor& S);
-  // U += P W_c  (B, D) acc.
+  // U += P W_c  (B, D) acc, W_c the chunk of the last logits() call.
   void add_grad_features(at::Tensor& U, const at::Tensor& P);
   // V = P^T f_op  (n, D) acc, a view of the chunk buffer.
   at::Tensor grad_weight(const at::Tensor& P);
-
-  static int64_t chunk_size(int64_t B, int64_t C, int64_t D, at::ScalarType dtype,
-                            const at::Device& device);
 
  private:
   at::Tensor weight_chunk(int64_t j0, int64_t n);
 
   at::Tensor f_, w_;
-  bool out_fp32_;  // 16-bit GEMM with a float32 output (CUDA)
+  int64_t B_, D_, chunk_;
+  at::ScalarType acc_, op_;
+  bool out_fp32_;   // 16-bit GEMM with a float32 output (CUDA)
   bool convert_w_;  // 16-bit W converted to acc per chunk (CPU)
   at::Tensor s_buf_, p_buf_, v_buf_, w_buf_, u_tmp_;
-  at::Tensor wc_;  // the current chunk's W operand
+  at::Tensor wc_;   // the current chunk's W operand
+};
+
+// The classes [0, C) in chunks of `chunk` classes, walked by `workers` workers.
+//
+// CUDA: one worker, the chunks in order on the current stream. CPU: the chunks are cut into
+// contiguous ranges, one per thread, in one parallel region (a barrier per chunk costs dearly on a
+// busy machine), each worker with its own buffers, single-threaded BLAS and its own partial
+// results (indexed by worker, merged in worker = class order by the caller).
+//
+// The chunk size and the workers depend only on (B, C, D, dtype, device, budget, threads): the
+// forward and the backward walk the same chunks with the same GEMM shapes, so the backward's
+// logits are bit-identical to the forward's.
+class ChunkWalk {
+ public:
+  ChunkWalk(const at::Tensor& f_op, const at::Tensor& w);
+
+  int64_t B, C, D;
+  int64_t chunk;       // classes per chunk (the last one may be smaller)
+  int64_t num_chunks;
+  int64_t workers;
+
+  // fn(worker, ChunkWorker&, j0, n) for every chunk [j0, j0 + n).
+  template <typename Fn>
+  void run(Fn&& fn) {
+    if (workers == 1) {
+      for (int64_t c = 0; c < num_chunks; ++c) fn(int64_t{0}, workers_[0], start(c), size(c));
+      return;
+    }
+    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+      // The dispatch state is thread-local: the pool's threads run below autograd explicitly.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t c_end = (t + 1) * num_chunks / workers;
+        for (int64_t c = t * num_chunks / workers; c < c_end; ++c) {
+          fn(t, workers_[t], start(c), size(c));
+        }
+      }
+    });
+  }
+
+  static int64_t chunk_size(int64_t B, int64_t C, int64_t D, at::ScalarType dtype,
+                            const at::Device& device);
+
+ private:
+  int64_t start(int64_t c) const { return c * chunk; }
+  int64_t size(int64_t c) const { return std::min(chunk, C - c * chunk); }
+  std::vector<ChunkWorker> workers_;
 };
 
 // The features as GEMM operand: a fresh contiguous (B, D) tensor in the operand dtype, with the

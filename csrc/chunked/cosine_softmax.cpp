@@ -71,20 +71,24 @@ std::tuple<at::Tensor, at::Tensor> cosine_softmax_forward(
 
   const at::Tensor f_op = gemm_features(st.f, at::Tensor(), operand_dtype(st.f.scalar_type(),
                                                                           st.f.device()));
-  ChunkPlan plan(f_op, st.w);
-  // The running (max, sum) in float64: the chunks' partial sums are added to it one by one, and
-  // a float32 sum near 1 would drop each chunk's share below its rounding (many small chunks).
+  ChunkWalk walk(f_op, st.w);
+  // Each worker's running (max, sum) in float64: the chunks' partial sums are added to it one by
+  // one, and a float32 sum near 1 would drop each chunk's share below its rounding.
   const auto run_opts = acc_opts.dtype(at::kDouble);
-  at::Tensor run_max = at::full({B}, -std::numeric_limits<double>::infinity(), run_opts);
-  at::Tensor run_sum = at::zeros({B}, run_opts);
-  for (int64_t c = 0; c < plan.num_chunks(); ++c) {
-    const int64_t j0 = plan.start(c);
-    const at::Tensor S = plan.logits(j0, plan.size(c));
-    NF_ON_DEVICE(S, softmax_forward_chunk, S, j0, st.terms, run_max, run_sum);
-  }
+  at::Tensor run_max =
+      at::full({walk.workers, B}, -std::numeric_limits<double>::infinity(), run_opts);
+  at::Tensor run_sum = at::zeros({walk.workers, B}, run_opts);
+  walk.run([&](int64_t t, ChunkWorker& worker, int64_t j0, int64_t n) {
+    const at::Tensor S = worker.logits(j0, n);
+    at::Tensor m = run_max[t], l = run_sum[t];
+    NF_ON_DEVICE(S, softmax_forward_chunk, S, j0, st.terms, m, l);
+  });
+  // The workers' pairs merged (lse_merge as tensor ops; NaN propagates through amax).
+  const at::Tensor m = run_max.amax(0);
+  const at::Tensor l = (run_sum * (run_max - m).exp()).sum(0);
   // lse is defined for every row (ignored ones too, over the plain logits); loss = lse - z_iy,
   // or lse when the target is in another shard, and exactly 0 on ignored rows (a select).
-  const at::Tensor lse = (run_max + run_sum.log()).to(acc_opts.dtype());
+  const at::Tensor lse = (m + l.log()).to(acc_opts.dtype());
   const at::Tensor own = at::where(st.targets.has, lse - st.field(kZ), lse);
   const at::Tensor loss = at::where(st.targets.valid, own, at::zeros_like(own));
   return {loss, lse};
@@ -148,28 +152,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_backward(
 
   const at::Tensor f_op =
       gemm_features(st.f, t.active, operand_dtype(st.f.scalar_type(), st.f.device()));
-  ChunkPlan plan(f_op, st.w);
-  at::Tensor row_acc = at::zeros({B}, s.options());
-  at::Tensor U = at::zeros({B, D}, s.options());
+  ChunkWalk walk(f_op, st.w);
+  at::Tensor row_acc = at::zeros({walk.workers, B}, s.options());
+  at::Tensor U = at::zeros({walk.workers, B, D}, s.options());
   to_w.x = st.w;
   to_w.inv_norm = st.inv_nw;
   to_w.project = normalize_weight;
   to_w.out = grad_w;
-  for (int64_t c = 0; c < plan.num_chunks(); ++c) {
-    const int64_t j0 = plan.start(c);
-    const at::Tensor S = plan.logits(j0, plan.size(c));
-    at::Tensor P = plan.grad_operand(S);
-    NF_ON_DEVICE(S, softmax_backward_chunk, S, P, j0, t, row_acc);
-    plan.add_grad_features(U, P);
-    finish_rows(plan.grad_weight(P), j0, at::Tensor(), to_w);
-  }
+  walk.run([&](int64_t worker_index, ChunkWorker& worker, int64_t j0, int64_t n) {
+    const at::Tensor S = worker.logits(j0, n);
+    at::Tensor P = worker.grad_operand(S);
+    at::Tensor acc = row_acc[worker_index], U_part = U[worker_index];
+    NF_ON_DEVICE(S, softmax_backward_chunk, S, P, j0, t, acc);
+    worker.add_grad_features(U_part, P);
+    finish_rows(worker.grad_weight(P), j0, at::Tensor(), to_w);
+  });
   at::Tensor grad_f = at::empty({B, D}, st.f.options());
   to_f.x = st.f;
   to_f.inv_norm = st.inv_nf;
   to_f.project = normalize_features;
   to_f.keep = t.active;
   to_f.out = grad_f;
-  finish_rows(U, 0, at::Tensor(), to_f);
+  finish_rows(U.sum(0), 0, at::Tensor(), to_f);
   // dL/ds = sum_ij G_ij a_i b_j h_ij = sum_i row_acc_i, on the device (no sync).
   const at::Tensor grad_s = row_acc.sum().to(scale.options()).reshape(scale.sizes());
   return {grad_f, grad_w, grad_s};

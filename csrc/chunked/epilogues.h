@@ -124,6 +124,10 @@ struct FinishArgs {
 NF_CHUNKED_EPILOGUES(cpu)
 #ifdef NORMFACE_WITH_CUDA
 NF_CHUNKED_EPILOGUES(cuda)
+namespace cuda {
+// The L2 cache of a CUDA device, in bytes (the default chunk budget).
+int64_t l2_cache_bytes(const at::Device& device);
+}  // namespace cuda
 #endif
 #undef NF_CHUNKED_EPILOGUES
 

@@ -20,85 +20,98 @@ int64_t set_chunk_budget(int64_t bytes) {
   return budget_setting().exchange(bytes);
 }
 
-int64_t chunk_budget() {
+int64_t chunk_budget(const at::Device& device) {
   const int64_t bytes = budget_setting().load(std::memory_order_relaxed);
-  return bytes > 0 ? bytes : kDefaultChunkBudget;
+  if (bytes > 0) return bytes;
+#ifdef NORMFACE_WITH_CUDA
+  if (device.is_cuda()) return std::min(kMaxDefaultChunkBudget, cuda::l2_cache_bytes(device));
+#endif
+  return std::min(kMaxDefaultChunkBudget, kDefaultCpuChunkBudget);
 }
 
 at::ScalarType operand_dtype(at::ScalarType dtype, const at::Device& device) {
   return device.is_cuda() && is_16bit(dtype) ? dtype : acc_dtype(dtype);
 }
 
-int64_t ChunkPlan::chunk_size(int64_t B, int64_t C, int64_t D, at::ScalarType dtype,
+int64_t ChunkWalk::chunk_size(int64_t B, int64_t C, int64_t D, at::ScalarType dtype,
                               const at::Device& device) {
   const at::ScalarType acc = acc_dtype(dtype), op = operand_dtype(dtype, device);
   const int64_t acc_bytes = c10::elementSize(acc);
   // Per class: its column of S, of the 16-bit P (CUDA), its row of V and (CPU, 16-bit) of the
-  // converted W chunk.
+  // converted W chunk; on CPU every thread has its own buffers.
   int64_t per_class = B * acc_bytes + D * acc_bytes;
   if (op != acc) per_class += B * c10::elementSize(op);
   if (op == acc && dtype != acc) per_class += D * acc_bytes;
-  int64_t chunk = chunk_budget() / std::max<int64_t>(per_class, 1);
+  const int64_t threads = device.is_cpu() ? std::max(1, at::get_num_threads()) : 1;
+  int64_t chunk = chunk_budget(device) / std::max<int64_t>(per_class * threads, 1);
   // GEMM-friendly widths once the chunk is wide enough to care.
   if (chunk >= 256) chunk -= chunk % 128;
   return std::max<int64_t>(1, std::min(chunk, C));
 }
 
-ChunkPlan::ChunkPlan(const at::Tensor& f_op, const at::Tensor& w)
-    : B(f_op.size(0)), C(w.size(0)), D(w.size(1)), f_(f_op), w_(w) {
-  acc = acc_dtype(w.scalar_type());
-  op = f_op.scalar_type();
-  TORCH_INTERNAL_ASSERT(op == operand_dtype(w.scalar_type(), w.device()));
+ChunkWalk::ChunkWalk(const at::Tensor& f_op, const at::Tensor& w)
+    : B(f_op.size(0)), C(w.size(0)), D(w.size(1)) {
+  TORCH_INTERNAL_ASSERT(f_op.scalar_type() == operand_dtype(w.scalar_type(), w.device()));
   chunk = chunk_size(B, C, D, w.scalar_type(), w.device());
-  out_fp32_ = op != acc;
-  convert_w_ = op == acc && w.scalar_type() != acc;
-  const auto acc_opts = w.options().dtype(acc);
-  s_buf_ = at::empty({B * chunk}, acc_opts);
-  if (convert_w_) w_buf_ = at::empty({chunk * D}, acc_opts);
+  num_chunks = (C + chunk - 1) / chunk;
+  workers = w.is_cpu() ? std::min<int64_t>(std::max(1, at::get_num_threads()), num_chunks) : 1;
+  workers_.reserve(workers);
+  for (int64_t t = 0; t < workers; ++t) workers_.emplace_back(f_op, w, chunk);
 }
 
-at::Tensor ChunkPlan::weight_chunk(int64_t j0, int64_t n) {
+ChunkWorker::ChunkWorker(const at::Tensor& f_op, const at::Tensor& w, int64_t chunk)
+    : f_(f_op), w_(w), B_(f_op.size(0)), D_(w.size(1)), chunk_(chunk) {
+  acc_ = acc_dtype(w.scalar_type());
+  op_ = f_op.scalar_type();
+  out_fp32_ = op_ != acc_;
+  convert_w_ = op_ == acc_ && w.scalar_type() != acc_;
+  const auto acc_opts = w.options().dtype(acc_);
+  s_buf_ = at::empty({B_ * chunk_}, acc_opts);
+  if (convert_w_) w_buf_ = at::empty({chunk_ * D_}, acc_opts);
+}
+
+at::Tensor ChunkWorker::weight_chunk(int64_t j0, int64_t n) {
   at::Tensor rows = w_.narrow(0, j0, n);
   if (!convert_w_) return rows;
-  at::Tensor view = w_buf_.narrow(0, 0, n * D).view({n, D});
+  at::Tensor view = w_buf_.narrow(0, 0, n * D_).view({n, D_});
   view.copy_(rows);
   return view;
 }
 
-at::Tensor ChunkPlan::logits(int64_t j0, int64_t n) {
+at::Tensor ChunkWorker::logits(int64_t j0, int64_t n) {
   wc_ = weight_chunk(j0, n);
-  at::Tensor S = s_buf_.narrow(0, 0, B * n).view({B, n});
+  at::Tensor S = s_buf_.narrow(0, 0, B_ * n).view({B_, n});
   if (out_fp32_) {
-    at::mm_out(S, f_, wc_.t(), acc);  // mm.dtype_out: 16-bit operands, float32 output
+    at::mm_out(S, f_, wc_.t(), acc_);  // mm.dtype_out: 16-bit operands, float32 output
   } else {
     at::mm_out(S, f_, wc_.t());
   }
   return S;
 }
 
-at::Tensor ChunkPlan::grad_operand(const at::Tensor& S) {
-  if (op == acc) return S;
+at::Tensor ChunkWorker::grad_operand(const at::Tensor& S) {
+  if (op_ == acc_) return S;
   const int64_t n = S.size(1);
-  if (!p_buf_.defined()) p_buf_ = at::empty({B * chunk}, S.options().dtype(op));
-  return p_buf_.narrow(0, 0, B * n).view({B, n});
+  if (!p_buf_.defined()) p_buf_ = at::empty({B_ * chunk_}, S.options().dtype(op_));
+  return p_buf_.narrow(0, 0, B_ * n).view({B_, n});
 }
 
-void ChunkPlan::add_grad_features(at::Tensor& U, const at::Tensor& P) {
+void ChunkWorker::add_grad_features(at::Tensor& U, const at::Tensor& P) {
   if (out_fp32_) {
     if (!u_tmp_.defined()) u_tmp_ = at::empty_like(U);
-    at::mm_out(u_tmp_, P, wc_, acc);
+    at::mm_out(u_tmp_, P, wc_, acc_);
     U.add_(u_tmp_);
   } else {
     U.addmm_(P, wc_);
   }
 }
 
-at::Tensor ChunkPlan::grad_weight(const at::Tensor& P) {
+at::Tensor ChunkWorker::grad_weight(const at::Tensor& P) {
   const int64_t n = P.size(1);
-  if (!v_buf_.defined()) v_buf_ = at::empty({chunk * D}, P.options().dtype(acc));
-  at::Tensor V = v_buf_.narrow(0, 0, n * D).view({n, D});
+  if (!v_buf_.defined()) v_buf_ = at::empty({chunk_ * D_}, P.options().dtype(acc_));
+  at::Tensor V = v_buf_.narrow(0, 0, n * D_).view({n, D_});
   if (out_fp32_) {
-    at::mm_out(V, P.t(), f_, acc);
+    at::mm_out(V, P.t(), f_, acc_);
   } else {
     at::mm_out(V, P.t(), f_);
   }

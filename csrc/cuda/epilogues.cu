@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kThreads)
 // P_ij = G_ij s A_i B_j (dt_i at the target) gc_scale; row_acc_i += sum_j G_ij v_ij.
 template <typename P_t>
 __global__ void __launch_bounds__(kThreads)
-    softmax_backward_kernel(RowArgs r, SoftmaxPtrs p, P_t* __restrict__ P,
+    softmax_backward_kernel(RowArgs r, SoftmaxPtrs p, P_t* P,  // P may alias S
                             float* __restrict__ row_acc) {
   __shared__ float shared[kWarps];
   const int64_t i = blockIdx.x;
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename P_t>
 __global__ void __launch_bounds__(kThreads)
-    agent_backward_kernel(RowArgs r, AgentPtrs p, P_t* __restrict__ P,
+    agent_backward_kernel(RowArgs r, AgentPtrs p, P_t* P,  // P may alias S
                           float* __restrict__ active_count) {
   __shared__ float shared[kWarps];
   const int64_t i = blockIdx.x;

@@ -149,6 +149,10 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
+int64_t l2_cache_bytes(const at::Device& device) {
+  return at::cuda::getDeviceProperties(device.index())->l2CacheSize;
+}
+
 void row_norms(const at::Tensor& x, double eps, at::Tensor& norm, at::Tensor& inv_norm) {
   const int64_t N = x.size(0), D = x.size(1);
   auto stream = at::cuda::getCurrentCUDAStream();
