@@ -22,8 +22,7 @@ from normface_kernels import reference
 from normface_kernels.chunking import chunk_budget, cpu_path
 
 ops = torch.ops.normface
-# About 30 classes per chunk at B = 9, D = 6 in float64 (chunked.h ChunkPlan::chunk_size: a
-# class costs (B + D) acc values).
+# About 15 classes per chunk and thread at B = 9, D = 6 in float64 on 2 threads (budget_for).
 SMALL_BUDGET = 4096
 
 
@@ -34,10 +33,11 @@ def _chunked_cpu():
 
 
 def budget_for(classes, B, D, dtype=torch.float64):
-    """A budget whose chunks hold `classes` classes (ChunkPlan::chunk_size)."""
+    """A budget whose chunks hold `classes` classes (chunked.h ChunkWalk::chunk_size: per class
+    and thread, B + D acc values, plus D for a 16-bit W converted to float32)."""
     acc = 8 if dtype == torch.float64 else 4
     per_class = (B + D) * acc + (D * acc if dtype in (torch.float16, torch.bfloat16) else 0)
-    return classes * per_class
+    return classes * per_class * torch.get_num_threads()
 
 
 def test_switches_return_the_previous_setting():

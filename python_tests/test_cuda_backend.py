@@ -588,7 +588,7 @@ def test_agent_losses_million_classes(case, dtype):
 # ---------------------------------------------------------------------------------------------
 
 def budget_for(classes, B, D, dtype):
-    """A chunk budget whose chunks hold `classes` classes (csrc/chunked ChunkPlan::chunk_size:
+    """A chunk budget whose chunks hold `classes` classes (csrc/chunked ChunkWalk::chunk_size:
     per class B + D float32 values, plus B 16-bit values for a 16-bit gradient operand)."""
     per_class = (B + D) * 4 + (B * 2 if dtype in (torch.float16, torch.bfloat16) else 0)
     return classes * per_class

@@ -145,12 +145,11 @@ FinishArgs weight_finish(const Setup& st, at::Tensor& grad_w) {
 // Returns U; active_count (if defined) receives each row's active hinges.
 at::Tensor dense_backward(const Setup& st, AgentTerms& t, at::Tensor& active_count,
                           at::Tensor& grad_w, Held* held, at::Tensor& u_scale) {
-  // float16: P is scaled into float16's range (|P| <= max(2|g|, |target_grad|) A B).
+  // float16: P is scaled into float16's range; |P_ij| <= max(2|g_i|, |target_grad_i|) A_i B_j.
   if (st.f.scalar_type() == at::kHalf) {
-    const at::Tensor top = at::where(t.active, t.slope.abs().maximum(t.target_grad.abs()),
-                                     st.zero()).amax();
+    const at::Tensor row = t.slope.abs().maximum(t.target_grad.abs()) * st.inv_nf;
     std::tie(t.gc_scale, u_scale) = float16_grad_scale(
-        at::kHalf, top * st.inv_nf.amax() * st.inv_nw.amax());
+        at::kHalf, at::where(t.active, row, st.zero()).amax() * st.inv_nw.amax());
   }
   const at::Tensor f_op = gemm_features(st.f, t.active, st.op());
   ChunkWalk walk(f_op, st.w);

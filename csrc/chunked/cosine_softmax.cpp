@@ -139,11 +139,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_backward(
     to_w.coef = (at::zeros({C + 1}, s.options()).index_add_(0, slot, q) * s).narrow(0, 0, C);
   }
 
-  // float16: P is scaled into float16's range (largest |P| <= (|g| + |e|) |s| A B max(1, |dt|)).
+  // float16: P scaled into float16's range; |P_ij| <= (|g_i| + |e_i|) A_i max(1, |dt_i|) |s| B_j.
   if (features.scalar_type() == at::kHalf) {
-    const at::Tensor ge = at::where(t.active, t.g.abs() + t.e.abs(), zero).amax();
-    at::Tensor bound = ge * s.abs() * st.field(kRow).amax() *
-                       st.field(kDt).abs().amax().clamp_min(1);
+    const at::Tensor row = (t.g.abs() + t.e.abs()) * st.field(kRow) *
+                           st.field(kDt).abs().clamp_min(1);
+    at::Tensor bound = at::where(t.active, row, zero).amax() * s.abs();
     if (normalize_weight) bound = bound * st.inv_nw.amax();
     at::Tensor inverse;
     std::tie(t.gc_scale, inverse) = float16_grad_scale(features.scalar_type(), bound);
