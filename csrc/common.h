@@ -306,4 +306,80 @@ inline void check_triplet_backward_args(const at::Tensor& grad_loss, const at::T
   if (hardest_only) check_hardest(hardest, features, weight);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Per-element math of the chunked path (csrc/chunked), shared by its CPU and CUDA epilogues.
+//
+// A backward recomputes the logits (and agent distances) of its forward and must get the same
+// bits: every expression here that a backward recomputes is a product chain or a single
+// difference, so no compiler can contract it into a fused multiply-add differently in the two
+// passes (e.g. d = 2 (1 - cos) instead of 2 - 2 cos: the same number, as scaling by 2 is exact).
+// ---------------------------------------------------------------------------------------------
+
+// A_i (B_j S_ij): a raw dot product S_ij = <f_i, W_j> scaled by a row and a column factor. With
+// A_i = 1/||f_i||, B_j = 1/||W_j|| it is cos_ij; the softmax uses A_i = 1/||f_i|| or 1 and
+// B_j = 1/||W_j|| or 1, so that v_ij = a_i b_j cos_ij and z_ij = s v_ij (docs/kernels.md).
+template <typename T>
+NF_HOST_DEVICE T scaled_dot(T dot, T row, T col) {
+  return row * (col * dot);
+}
+
+// Agent distance d = ||f~ - W~||^2 = 2 - 2 cos (paper section 4), as 2 (1 - cos).
+template <typename T>
+NF_HOST_DEVICE T agent_distance(T cos) {
+  return T(2) * (T(1) - cos);
+}
+
+// torch.relu with NaN propagation (`x > 0 ? x : (x != x ? x : 0)`); slope 0 at 0.
+template <typename T>
+NF_HOST_DEVICE T relu_nan(T x) {
+  return x > T(0) ? x : (x != x ? x : T(0));
+}
+
+// The hinge relu_nan(bound - d) of the agent losses: bound = neg_margin (C-contrastive
+// negatives) or margin + d_iy (C-triplet); its slope in -d is [bound - d > 0].
+template <typename T>
+NF_HOST_DEVICE T hinge(T bound, T d) {
+  return relu_nan(bound - d);
+}
+template <typename T>
+NF_HOST_DEVICE bool hinge_active(T bound, T d) {
+  return bound - d > T(0);
+}
+
+// argmin order of torch.argmin: NaN wins, then the smaller distance, then the smaller index.
+// Index -1 means "no candidate yet". True when (da, ja) comes strictly before (db, jb).
+template <typename T>
+NF_HOST_DEVICE bool argmin_before(T da, int64_t ja, T db, int64_t jb) {
+  if (ja < 0) return false;
+  if (jb < 0) return true;
+  const bool na = da != da, nb = db != db;
+  if (na || nb) return na && (!nb || ja < jb);
+  return da < db || (da == db && ja < jb);
+}
+
+// Online logsumexp (docs/kernels.md): (m, l) is a running max and sum of exp(z - m). A NaN
+// anywhere makes the pair NaN (SPEC: NaN in, NaN out); -inf entries add nothing.
+template <typename T, typename Exp>
+NF_HOST_DEVICE void lse_add(T& m, T& l, T z, Exp exp_fn) {
+  if (z > m) {
+    l = l * exp_fn(m - z) + T(1);
+    m = z;
+  } else if (z != z || z > -INFINITY) {
+    l += exp_fn(z - m);
+  }
+}
+
+// Merges the pair (m2, l2) into (m, l).
+template <typename T, typename Exp>
+NF_HOST_DEVICE void lse_merge(T& m, T& l, T m2, T l2, Exp exp_fn) {
+  if (m2 != m2 || l2 != l2 || m != m || l != l) {
+    m = l = m2 + l2 + m + l;  // NaN
+    return;
+  }
+  const T mx = m2 > m ? m2 : m;
+  if (mx == -INFINITY) return;  // both empty
+  l = l * exp_fn(m - mx) + l2 * exp_fn(m2 - mx);
+  m = mx;
+}
+
 }  // namespace normface

@@ -1,8 +1,10 @@
 // Every op schema of normface_kernels, in one place (SPEC.md is the contract for their math).
 //
 // Backends are plain functions registered elsewhere with TORCH_LIBRARY_IMPL:
-//   csrc/cpu/   CPU kernels (always built)
-//   csrc/cuda/  CUDA kernels (built when a CUDA toolkit is found)
+//   csrc/cpu/      CPU kernels (always built)
+//   csrc/chunked/  the chunked path: library GEMMs over class chunks with epilogue kernels; the
+//                  CUDA kernels (epilogues in csrc/cuda/, built when a CUDA toolkit is found),
+//                  and on CPU tensors after set_cpu_path("chunked")
 // Python (normface_kernels/ops.py) registers the fake (meta) kernels and the autograd formulas.
 //
 // Conventions shared by the loss ops:
@@ -17,6 +19,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "chunked/chunked.h"
 #include "common.h"
 
 #ifdef NORMFACE_PYTHON_MODULE
@@ -73,12 +76,21 @@ static at::Tensor cosine_logits_composite(const at::Tensor& features, const at::
 // Returns the previous setting (common.h data_checks_flag).
 static bool set_data_checks(bool enabled) { return data_checks_flag().exchange(enabled); }
 
+// The chunked path's switches (csrc/chunked/chunked.h); each returns the previous setting.
+static std::string set_cpu_path(std::string path) { return chunked::set_cpu_path(path); }
+static int64_t set_chunk_budget(int64_t bytes) { return chunked::set_chunk_budget(bytes); }
+
 }  // namespace normface
 
 TORCH_LIBRARY(normface, m) {
   // Data checks (label range, scale value, hardest) on CUDA tensors on/off; returns the
   // previous setting.
   m.def("set_data_checks(bool enabled) -> bool", &normface::set_data_checks);
+  // The kernels of the loss ops on CPU tensors: "blocked" (csrc/cpu) or "chunked" (csrc/chunked,
+  // the path the CUDA kernels take); and the bytes of the chunked path's per-chunk buffers
+  // (0: the default). Both return the previous setting.
+  m.def("set_cpu_path(str path) -> str", &normface::set_cpu_path);
+  m.def("set_chunk_budget(int bytes) -> int", &normface::set_chunk_budget);
 
   // Paper eq. 3: x / sqrt(sum x^2 + eps) along the last dim; eq. 4 is its backward.
   m.def("l2_normalize(Tensor x, float eps=1e-12) -> Tensor");

@@ -48,6 +48,12 @@ CPP_OPS = {
     "center_loss_backward": dict(grad_loss="g", features="f", weight="w", labels="y",
                                  ignore_index=-100, **_SHARD),
 }
+# The settings ops (no tensors; csrc/registration.cpp, csrc/chunked): argument -> bad values.
+SETTINGS_OPS = {
+    "set_data_checks": dict(enabled=[("string", "yes")]),
+    "set_cpu_path": dict(path=[("unknown", "sideways")]),
+    "set_chunk_budget": dict(bytes=[("negative", -1)]),
+}
 # The Triton ops: the same schemas (no composites), plus the backward of cosine_logits.
 TRITON_OPS = {
     "triton_" + name: args for name, args in CPP_OPS.items()
@@ -233,6 +239,10 @@ def cases():
                         continue
                     table[f"op:{op}/{arg}={what}"] = (word or arg,
                                                       _call_op(op, {**base, arg: make()}))
+    for op, args in SETTINGS_OPS.items():
+        for arg, bad in args.items():
+            for what, value in bad:
+                table[f"op:{op}/{arg}={what}"] = (arg, _call_op(op, {arg: value}))
     public_values = _public_bad_values(t)
     for fn, args in PUBLIC.items():
         for backend in BACKENDS:

@@ -1,4 +1,5 @@
-"""The CUDA kernels (csrc/cuda) are registered for every op that has no composite kernel.
+"""The CUDA kernels (the chunked path of csrc/chunked with the epilogues of csrc/cuda) are
+registered for every op that has no composite kernel.
 
 Needs no GPU: it asks the dispatcher, it runs nothing. Skipped only when the extension was
 deliberately built without CUDA (NORMFACE_NO_CUDA=1 or a CPU-only torch, as setup.py recorded in
@@ -85,6 +86,14 @@ def test_cuda_kernel_registered(name):
 
 def test_has_cuda_kernels_reports_it():
     assert normface_kernels.has_cuda_kernels()
+
+
+@pytest.mark.parametrize("name", CUDA_OPS)
+def test_cuda_kernel_is_the_chunked_path(name):
+    # One way to compute each thing: every CUDA kernel is the chunked orchestration.
+    table = torch._C._dispatch_dump_table(f"normface::{name}")
+    cuda = [line for line in table.splitlines() if line.startswith("CUDA:")]
+    assert cuda and "chunked" in cuda[0], cuda
 
 
 @pytest.mark.parametrize("name", COMPOSITE_OPS)
