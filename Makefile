@@ -1,10 +1,15 @@
-# The two commands of the README. Each does all the set-up on a fresh machine (scripts/setup.sh).
+# The two commands of the README. Each does all the set-up on a fresh machine (scripts/setup.sh),
+# and only what changed after that (stamps: a second `make test` skips pip and the build).
 #   make bench   the main job: the benchmark (quick CPU grid without a GPU, full grid with one)
 #   make test    the test suite (Triton kernels run interpreted on CPU when there is no GPU)
+# On a GPU machine (no registry needed; its python3 with torch is used, not a venv):
+#   make gpu-check DIR=out   build + GPU tests + sanitizers + bench + smoke checks, ~9 minutes
 VENV ?= .venv
 PY := $(VENV)/bin/python
+GPU_PY ?= python3
+DIR ?= gpu-check-out
 
-.PHONY: setup bench test cmake-test aot-check
+.PHONY: setup bench test cmake-test aot-check cuda-check ci-oldest gpu-check gpu-check-dry-run
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
@@ -23,3 +28,19 @@ cmake-test: setup
 # shared memory over the limit, or a spill in a 16-bit kernel. AOT_ARGS="--target sm80 ..." adds.
 aot-check: setup
 	env -u TRITON_INTERPRET $(PY) -m normface_kernels.triton.aot_check $(AOT_ARGS)
+
+# The CUDA kernels' registers / stack / spills on sm_90 (ptxas -v of the build, cuobjdump of the
+# .so); fails on local memory in any of them. Nothing to check in a CPU-only build.
+cuda-check: setup
+	$(PY) scripts/cuda_resource_check.py
+
+# The oldest supported versions (torch 2.11.0 + triton 3.6.0, the GPU machine's): own venv and
+# copy of the tree, CPU-only build, the version-sensitive tests and the AOT check.
+ci-oldest:
+	bash scripts/ci_oldest.sh
+
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py $(DIR) $(GPU_CHECK_ARGS)
+
+gpu-check-dry-run:
+	$(GPU_PY) scripts/gpu_check.py $(DIR) --dry-run $(GPU_CHECK_ARGS)

@@ -3,8 +3,13 @@
 Whether CUDA sources are compiled is decided by the toolkit (CUDA_HOME with a working nvcc) and by
 the switch NORMFACE_NO_CUDA=1 -- never by whether a GPU is visible, so a GPU-less build machine
 still ships the CUDA kernels. TORCH_CUDA_ARCH_LIST picks the architectures (default below).
+ptxas reports every kernel's registers, stack frame and spills (-Xptxas=-v) into the build output;
+scripts/setup.sh keeps it in build/normface-build.log and scripts/cuda_resource_check.py reads it.
+How the extension was built is written to normface_kernels/_build_info.py (not tracked).
 
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation -e .                 # or, incrementally (scripts/setup.sh):
+    python setup.py build_ext --inplace
+NORMFACE_SKIP_EXTENSION=1 installs the Python package alone (setup.sh then builds in place).
 """
 
 import glob
@@ -53,20 +58,40 @@ def _cutlass_include_dirs():
             if os.path.isdir(d)]
 
 
+def _write_build_info(cuda, why_not, torch_version):
+    """normface_kernels/_build_info.py: whether csrc/cuda was compiled and, if not, why -- so the
+    tests can tell a deliberate CPU-only build (skip) from a CUDA build that went missing (fail)."""
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if cuda else ""
+    with open(os.path.join(HERE, "normface_kernels", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py when normface_kernels._C is built (not tracked).\n"
+                f"CUDA = {cuda!r}\nCUDA_SKIPPED_BECAUSE = {why_not!r}\n"
+                f"TORCH_CUDA_ARCH_LIST = {arch!r}\nTORCH = {torch_version!r}\n")
+
+
 def _extensions():
+    if os.environ.get("NORMFACE_SKIP_EXTENSION", "0") == "1":
+        return []
     import torch
     from torch.utils import cpp_extension
 
     sources = [os.path.join("csrc", "registration.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "chunked", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     cuda_sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
 
-    want_cuda = os.environ.get("NORMFACE_NO_CUDA", "0") != "1" and torch.version.cuda is not None
+    no_cuda_switch = os.environ.get("NORMFACE_NO_CUDA", "0") == "1"
+    want_cuda = not no_cuda_switch and torch.version.cuda is not None
     cuda_home = _find_cuda_home() if want_cuda else None
     use_cuda = bool(want_cuda and cuda_home and cuda_sources)
+    why_not = ("" if use_cuda else "NORMFACE_NO_CUDA=1" if no_cuda_switch
+               else "CPU-only torch" if torch.version.cuda is None
+               else "no CUDA toolkit" if not cuda_home else "no CUDA sources")
 
-    cxx_flags = ["-O3", "-DNORMFACE_PYTHON_MODULE"]
+    # -ffp-contract=off: no a * b + c fused into an FMA behind our back. The backward recomputes
+    # each logit and must get it bit-identical to the forward (SPEC "Bad input"); GCC contracts
+    # by default in the FMA-capable target_clones, differently in the two passes.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-DNORMFACE_PYTHON_MODULE"]
     if sys.platform != "win32":
         cxx_flags.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
@@ -77,7 +102,8 @@ def _extensions():
         cpp_extension.CUDA_HOME = cuda_home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
         include_dirs += _pip_cuda_include_dirs() + _cutlass_include_dirs()
-        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+        # -Xptxas=-v: registers, stack frame and spill bytes of every kernel, per architecture.
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v",
                          "-DNORMFACE_PYTHON_MODULE"]
         extra["cxx"] = cxx_flags + ["-DNORMFACE_WITH_CUDA"]
         extra["nvcc"].append("-DNORMFACE_WITH_CUDA")
@@ -90,6 +116,7 @@ def _extensions():
         print("normface_kernels: building CPU kernels only"
               + ("" if want_cuda else " (NORMFACE_NO_CUDA=1 or a CPU-only torch)"))
 
+    _write_build_info(use_cuda, why_not, torch.__version__)
     return [ext_cls("normface_kernels._C", sources, include_dirs=include_dirs,
                     extra_compile_args=extra, extra_link_args=["-fopenmp"])]
 

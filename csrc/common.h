@@ -52,30 +52,94 @@ NF_HOST_DEVICE void margin_target(T cos, T m1, T m2, T m3, T lam, T* t, T* dt_dc
   *dt_dcos = (lam + dpsi) / (T(1) + lam);
 }
 
-// The switch of the data checks (label range, finite scale): they read tensor data, a host-device
-// sync on CUDA tensors. Off (op normface::set_data_checks, Python normface_kernels.set_data_checks)
-// they are skipped on CUDA tensors, so a training step can be captured in a CUDA graph; CPU tensors
-// are always checked. With them off, a label outside [0, C) reads as a target in another shard.
+// The switch of the data checks (label range, scale value, hardest range): they read tensor
+// data, a host-device sync on CUDA tensors. Off (op normface::set_data_checks, Python
+// normface_kernels.set_data_checks) they are skipped on CUDA tensors, so a training step can be
+// captured in a CUDA graph; CPU tensors are always checked. With them off, a label outside
+// [0, C) reads as a target in another shard.
 inline std::atomic<bool>& data_checks_flag() {
   static std::atomic<bool> flag{true};
   return flag;
 }
 
+// Whether t holds data a check can read: not a meta tensor, nor a fake / functional tensor of
+// torch.compile tracing (a composite op runs on those before any backend kernel).
+inline bool has_data(const at::Tensor& t) {
+  const c10::DispatchKeySet keys = t.key_set();
+  return !t.is_meta() && !keys.has(c10::DispatchKey::Python) &&
+         !keys.has(c10::DispatchKey::Functionalize);
+}
+
 inline bool data_checks_on(const at::Tensor& t) {
-  return t.is_cpu() || data_checks_flag().load(std::memory_order_relaxed);
+  return has_data(t) && (t.is_cpu() || data_checks_flag().load(std::memory_order_relaxed));
 }
 
 inline int64_t resolve_num_classes(int64_t num_classes, const at::Tensor& weight) {
   return num_classes < 0 ? weight.size(0) : num_classes;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Argument checks (SPEC "Bad input"). Every op calls the bundle of its family below before it
+// touches memory; each message names the argument. Checks of numbers and metadata are always on
+// and cost nothing; the checks that read tensor data (label range, scale value, hardest range) run
+// on CPU tensors always and on CUDA tensors while data_checks_on (one host sync each).
+// ------------------------------------------------------------------------------------------------
+
+// `name` lives on the device of features. A meta tensor mixed with real ones is an error: the
+// dispatcher would otherwise run a kernel on a tensor that has no data.
+inline void check_defined(const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
+}
+
+inline void check_device(const char* name, const at::Tensor& t, const at::Tensor& features) {
+  check_defined(name, t);
+  TORCH_CHECK(t.device() == features.device(), name, " must be on the device of features (",
+              features.device(), "), got ", t.device());
+}
+
+// A number argument that must be finite (margins, hinge margins).
+inline void check_finite(const char* name, double value) {
+  TORCH_CHECK(std::isfinite(value), name, " must be finite, got ", value);
+}
+
+// SPEC margins: m1 >= 1 (psi is monotone on [0, pi] only then), m2 and m3 finite, lam >= 0.
+inline void check_margins(double m1, double m2, double m3, double lam) {
+  TORCH_CHECK(std::isfinite(m1) && m1 >= 1.0, "m1 must be finite and >= 1, got ", m1);
+  check_finite("m2", m2);
+  check_finite("m3", m3);
+  TORCH_CHECK(std::isfinite(lam) && lam >= 0.0, "lam must be finite and >= 0, got ", lam);
+}
+
+// eps inside the root of a norm: finite and >= 0 (a negative eps can make the root NaN).
+inline void check_eps(double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got ", eps);
+}
+
+// Rows [class_start, class_start + C) of num_classes (-1 means C), without int64 overflow.
+inline int64_t check_shard(int64_t class_start, int64_t num_classes, const at::Tensor& weight) {
+  const int64_t C = weight.size(0);
+  TORCH_CHECK(num_classes >= -1, "num_classes must be -1 (meaning C) or >= C = ", C, ", got ",
+              num_classes);
+  const int64_t n = num_classes < 0 ? C : num_classes;
+  // class_start + C <= n written as class_start <= n - C: n >= 0 and C >= 0 cannot overflow.
+  TORCH_CHECK(class_start >= 0 && n >= C && class_start <= n - C,
+              "class_start/num_classes must describe a shard of the classes, got class_start ",
+              class_start, ", num_classes ", n, " for weight ", weight.sizes());
+  return n;
+}
+
 // The checks every loss op makes before touching memory. Messages name the argument.
 inline void check_loss_inputs(const at::Tensor& features, const at::Tensor& weight,
                               const at::Tensor& labels, int64_t ignore_index,
                               int64_t class_start, int64_t num_classes) {
+  check_defined("features", features);
+  check_defined("weight", weight);
+  check_defined("labels", labels);
   TORCH_CHECK(features.dim() == 2, "features must be 2-D (B, D), got shape ", features.sizes());
   TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (C, D), got shape ", weight.sizes());
   TORCH_CHECK(labels.dim() == 1, "labels must be 1-D (B,), got shape ", labels.sizes());
+  check_device("weight", weight, features);
+  check_device("labels", labels, features);
   TORCH_CHECK(features.size(1) == weight.size(1),
               "features and weight must have the same D, got features ", features.sizes(),
               " and weight ", weight.sizes());
@@ -89,15 +153,9 @@ inline void check_loss_inputs(const at::Tensor& features, const at::Tensor& weig
   TORCH_CHECK(at::isFloatingType(features.scalar_type()),
               "features must be a floating tensor, got ", features.scalar_type());
   TORCH_CHECK(features.scalar_type() == weight.scalar_type(),
-              "features and weight must have the same dtype, got ", features.scalar_type(),
-              " and ", weight.scalar_type());
-  TORCH_CHECK(features.device() == weight.device() && features.device() == labels.device(),
-              "features, weight and labels must be on one device, got ", features.device(), ", ",
-              weight.device(), " and ", labels.device());
-  const int64_t n = num_classes < 0 ? weight.size(0) : num_classes;
-  TORCH_CHECK(class_start >= 0 && class_start + weight.size(0) <= n,
-              "class_start/num_classes must describe a shard of the classes, got class_start ",
-              class_start, ", num_classes ", n, " for weight ", weight.sizes());
+              "weight must have the dtype of features (", features.scalar_type(), "), got ",
+              weight.scalar_type());
+  const int64_t n = check_shard(class_start, num_classes, weight);
   if (labels.numel() > 0 && data_checks_on(labels)) {
     // One host sync: a label outside [0, num_classes) must raise, never index out of bounds.
     const at::Tensor bad = (labels != ignore_index) & ((labels < 0) | (labels >= n));
@@ -107,18 +165,221 @@ inline void check_loss_inputs(const at::Tensor& features, const at::Tensor& weig
   }
 }
 
+// scale: one floating number (a 0-dim tensor) on the device of features, or a CPU number
+// next to accelerator features (never next to meta ones); its value finite and > 0 (data check).
 inline void check_scale(const at::Tensor& scale, const at::Tensor& features) {
+  check_defined("scale", scale);
   TORCH_CHECK(scale.numel() == 1, "scale must be a single number (0-dim tensor), got shape ",
               scale.sizes());
   TORCH_CHECK(at::isFloatingType(scale.scalar_type()), "scale must be floating, got ",
               scale.scalar_type());
-  TORCH_CHECK(scale.device() == features.device() || scale.device().is_cpu(),
+  TORCH_CHECK(scale.device() == features.device() || (scale.is_cpu() && !features.is_meta()),
               "scale must be on the device of features (", features.device(), "), got ",
               scale.device());
   if (data_checks_on(scale)) {
     const double value = scale.item<double>();
-    TORCH_CHECK(std::isfinite(value), "scale must be finite, got ", value);
+    TORCH_CHECK(std::isfinite(value) && value > 0.0, "scale must be finite and > 0, got ",
+                value);
   }
+}
+
+// A per-sample tensor of a backward op (grad_loss, grad_lse, lse): floating, shape (B,).
+inline void check_per_sample(const char* name, const at::Tensor& t, const at::Tensor& features) {
+  check_device(name, t, features);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == features.size(0), name,
+              " must have shape (B,) = (", features.size(0), "), got ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating, got ",
+              t.scalar_type());
+}
+
+// c_triplet's hardest (B,) int64: a local class in [0, C) or -1 (data check for the range).
+inline void check_hardest(const at::Tensor& hardest, const at::Tensor& features,
+                          const at::Tensor& weight) {
+  check_device("hardest", hardest, features);
+  TORCH_CHECK(hardest.dim() == 1 && hardest.size(0) == features.size(0) &&
+                  hardest.scalar_type() == at::kLong,
+              "hardest must be int64 of shape (B,) = (", features.size(0), "), got ",
+              hardest.scalar_type(), " of shape ", hardest.sizes());
+  if (hardest.numel() > 0 && data_checks_on(hardest)) {
+    const at::Tensor bad = (hardest < -1) | (hardest >= weight.size(0));
+    TORCH_CHECK(!bad.any().item<bool>(), "hardest must be in [-1, ", weight.size(0), "), got ",
+                hardest.masked_select(bad).flatten()[0].item<int64_t>());
+  }
+}
+
+// ---- One bundle per op family (the CPU and CUDA kernels call these) ----------------------------
+
+inline void check_normalize_args(const at::Tensor& x, double eps) {
+  check_defined("x", x);
+  TORCH_CHECK(x.dim() >= 1, "x must have at least one dim, got a 0-dim tensor");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating, got ", x.scalar_type());
+  check_eps(eps);
+}
+
+inline void check_normalize_backward_args(const at::Tensor& grad, const at::Tensor& x,
+                                          double eps) {
+  check_normalize_args(x, eps);
+  check_defined("grad", grad);
+  TORCH_CHECK(grad.device() == x.device(), "grad must be on the device of x (", x.device(),
+              "), got ", grad.device());
+  TORCH_CHECK(grad.sizes() == x.sizes(), "grad must have the shape of x, got grad ",
+              grad.sizes(), " and x ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), "grad must be floating, got ",
+              grad.scalar_type());
+}
+
+// cosine_logits: features (B, D), weight (C, D) with C > 0, one scale, eps.
+inline void check_logits_args(const at::Tensor& features, const at::Tensor& weight,
+                              const at::Tensor& scale, double eps) {
+  check_defined("features", features);
+  check_defined("weight", weight);
+  TORCH_CHECK(features.dim() == 2, "features must be 2-D (B, D), got shape ", features.sizes());
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (C, D), got shape ", weight.sizes());
+  check_device("weight", weight, features);
+  TORCH_CHECK(features.size(1) == weight.size(1),
+              "features and weight must have the same D, got features ", features.sizes(),
+              " and weight ", weight.sizes());
+  TORCH_CHECK(weight.size(0) > 0, "weight must have at least one class (C > 0), got shape ",
+              weight.sizes());
+  TORCH_CHECK(at::isFloatingType(features.scalar_type()),
+              "features must be a floating tensor, got ", features.scalar_type());
+  TORCH_CHECK(features.scalar_type() == weight.scalar_type(),
+              "weight must have the dtype of features (", features.scalar_type(), "), got ",
+              weight.scalar_type());
+  check_scale(scale, features);
+  check_eps(eps);
+}
+
+inline void check_softmax_forward_args(const at::Tensor& features, const at::Tensor& weight,
+                                       const at::Tensor& labels, const at::Tensor& scale,
+                                       double m1, double m2, double m3, double lam,
+                                       int64_t ignore_index, int64_t class_start,
+                                       int64_t num_classes) {
+  check_margins(m1, m2, m3, lam);
+  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+  check_scale(scale, features);
+}
+
+inline void check_softmax_backward_args(const at::Tensor& grad_loss, const at::Tensor& grad_lse,
+                                        const at::Tensor& features, const at::Tensor& weight,
+                                        const at::Tensor& labels, const at::Tensor& scale,
+                                        const at::Tensor& lse, double m1, double m2, double m3,
+                                        double lam, int64_t ignore_index, int64_t class_start,
+                                        int64_t num_classes) {
+  check_softmax_forward_args(features, weight, labels, scale, m1, m2, m3, lam, ignore_index,
+                             class_start, num_classes);
+  check_per_sample("grad_loss", grad_loss, features);
+  check_per_sample("grad_lse", grad_lse, features);
+  check_per_sample("lse", lse, features);
+}
+
+// c_contrastive (pos_margin, neg_margin), c_triplet (margin) and center_loss (no margin).
+inline void check_agent_args(const at::Tensor& features, const at::Tensor& weight,
+                             const at::Tensor& labels, int64_t ignore_index,
+                             int64_t class_start, int64_t num_classes) {
+  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+}
+
+inline void check_contrastive_args(const at::Tensor& features, const at::Tensor& weight,
+                                   const at::Tensor& labels, double pos_margin,
+                                   double neg_margin, int64_t ignore_index, int64_t class_start,
+                                   int64_t num_classes) {
+  check_finite("pos_margin", pos_margin);
+  check_finite("neg_margin", neg_margin);
+  check_agent_args(features, weight, labels, ignore_index, class_start, num_classes);
+}
+
+inline void check_triplet_args(const at::Tensor& features, const at::Tensor& weight,
+                               const at::Tensor& labels, double margin, int64_t ignore_index,
+                               int64_t class_start, int64_t num_classes) {
+  check_finite("margin", margin);
+  check_agent_args(features, weight, labels, ignore_index, class_start, num_classes);
+}
+
+inline void check_triplet_backward_args(const at::Tensor& grad_loss, const at::Tensor& features,
+                                        const at::Tensor& weight, const at::Tensor& labels,
+                                        const at::Tensor& hardest, double margin,
+                                        bool hardest_only, int64_t ignore_index,
+                                        int64_t class_start, int64_t num_classes) {
+  check_triplet_args(features, weight, labels, margin, ignore_index, class_start, num_classes);
+  check_per_sample("grad_loss", grad_loss, features);
+  if (hardest_only) check_hardest(hardest, features, weight);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-element math of the chunked path (csrc/chunked), shared by its CPU and CUDA epilogues.
+//
+// A backward recomputes the logits (and agent distances) of its forward and must get the same
+// bits: every expression here that a backward recomputes is a product chain or a single
+// difference, so no compiler can contract it into a fused multiply-add differently in the two
+// passes (e.g. d = 2 (1 - cos) instead of 2 - 2 cos: the same number, as scaling by 2 is exact).
+// ---------------------------------------------------------------------------------------------
+
+// A_i (B_j S_ij): a raw dot product S_ij = <f_i, W_j> scaled by a row and a column factor. With
+// A_i = 1/||f_i||, B_j = 1/||W_j|| it is cos_ij; the softmax uses A_i = 1/||f_i|| or 1 and
+// B_j = 1/||W_j|| or 1, so that v_ij = a_i b_j cos_ij and z_ij = s v_ij (docs/kernels.md).
+template <typename T>
+NF_HOST_DEVICE T scaled_dot(T dot, T row, T col) {
+  return row * (col * dot);
+}
+
+// Agent distance d = ||f~ - W~||^2 = 2 - 2 cos (paper section 4), as 2 (1 - cos).
+template <typename T>
+NF_HOST_DEVICE T agent_distance(T cos) {
+  return T(2) * (T(1) - cos);
+}
+
+// torch.relu with NaN propagation (`x > 0 ? x : (x != x ? x : 0)`); slope 0 at 0.
+template <typename T>
+NF_HOST_DEVICE T relu_nan(T x) {
+  return x > T(0) ? x : (x != x ? x : T(0));
+}
+
+// The hinge relu_nan(bound - d) of the agent losses: bound = neg_margin (C-contrastive
+// negatives) or margin + d_iy (C-triplet); its slope in -d is [bound - d > 0].
+template <typename T>
+NF_HOST_DEVICE T hinge(T bound, T d) {
+  return relu_nan(bound - d);
+}
+template <typename T>
+NF_HOST_DEVICE bool hinge_active(T bound, T d) {
+  return bound - d > T(0);
+}
+
+// argmin order of torch.argmin: NaN wins, then the smaller distance, then the smaller index.
+// Index -1 means "no candidate yet". True when (da, ja) comes strictly before (db, jb).
+template <typename T>
+NF_HOST_DEVICE bool argmin_before(T da, int64_t ja, T db, int64_t jb) {
+  if (ja < 0) return false;
+  if (jb < 0) return true;
+  const bool na = da != da, nb = db != db;
+  if (na || nb) return na && (!nb || ja < jb);
+  return da < db || (da == db && ja < jb);
+}
+
+// Online logsumexp (docs/kernels.md): (m, l) is a running max and sum of exp(z - m). A NaN
+// anywhere makes the pair NaN (SPEC: NaN in, NaN out); -inf entries add nothing.
+template <typename T, typename Exp>
+NF_HOST_DEVICE void lse_add(T& m, T& l, T z, Exp exp_fn) {
+  if (z > m) {
+    l = l * exp_fn(m - z) + T(1);
+    m = z;
+  } else if (z != z || z > -INFINITY) {
+    l += exp_fn(z - m);
+  }
+}
+
+// Merges the pair (m2, l2) into (m, l).
+template <typename T, typename Exp>
+NF_HOST_DEVICE void lse_merge(T& m, T& l, T m2, T l2, Exp exp_fn) {
+  if (m2 != m2 || l2 != l2 || m != m || l != l) {
+    m = l = m2 + l2 + m + l;  // NaN
+    return;
+  }
+  const T mx = m2 > m ? m2 : m;
+  if (mx == -INFINITY) return;  // both empty
+  l = l * exp_fn(m - mx) + l2 * exp_fn(m2 - mx);
+  m = mx;
 }
 
 }  // namespace normface

@@ -1,8 +1,10 @@
 // Every op schema of normface_kernels, in one place (SPEC.md is the contract for their math).
 //
 // Backends are plain functions registered elsewhere with TORCH_LIBRARY_IMPL:
-//   csrc/cpu/   CPU kernels (always built)
-//   csrc/cuda/  CUDA kernels (built when a CUDA toolkit is found)
+//   csrc/cpu/      CPU kernels (always built)
+//   csrc/chunked/  the chunked path: library GEMMs over class chunks with epilogue kernels; the
+//                  CUDA kernels (epilogues in csrc/cuda/, built when a CUDA toolkit is found),
+//                  and on CPU tensors after set_cpu_path("chunked")
 // Python (normface_kernels/ops.py) registers the fake (meta) kernels and the autograd formulas.
 //
 // Conventions shared by the loss ops:
@@ -17,6 +19,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "chunked/chunked.h"
 #include "common.h"
 
 #ifdef NORMFACE_PYTHON_MODULE
@@ -65,10 +68,7 @@ static at::Tensor cosine_logits_composite(const at::Tensor& features, const at::
   static auto normalize = c10::Dispatcher::singleton()
                               .findSchemaOrThrow("normface::l2_normalize", "")
                               .typed<at::Tensor(const at::Tensor&, double)>();
-  TORCH_CHECK(features.dim() == 2, "features must be 2-D (B, D), got ", features.dim(), "-D");
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (C, D), got ", weight.dim(), "-D");
-  TORCH_CHECK(features.size(1) == weight.size(1), "features and weight must share D, got ",
-              features.size(1), " and ", weight.size(1));
+  check_logits_args(features, weight, scale, eps);
   at::Tensor cos = at::mm(normalize.call(features, eps), normalize.call(weight, eps).t());
   return cos * scale.to(cos.scalar_type());
 }
@@ -76,11 +76,21 @@ static at::Tensor cosine_logits_composite(const at::Tensor& features, const at::
 // Returns the previous setting (common.h data_checks_flag).
 static bool set_data_checks(bool enabled) { return data_checks_flag().exchange(enabled); }
 
+// The chunked path's switches (csrc/chunked/chunked.h); each returns the previous setting.
+static std::string set_cpu_path(std::string path) { return chunked::set_cpu_path(path); }
+static int64_t set_chunk_budget(int64_t bytes) { return chunked::set_chunk_budget(bytes); }
+
 }  // namespace normface
 
 TORCH_LIBRARY(normface, m) {
-  // Data checks (label range, finite scale) on CUDA tensors on/off; returns the previous setting.
+  // Data checks (label range, scale value, hardest) on CUDA tensors on/off; returns the
+  // previous setting.
   m.def("set_data_checks(bool enabled) -> bool", &normface::set_data_checks);
+  // The kernels of the loss ops on CPU tensors: "blocked" (csrc/cpu) or "chunked" (csrc/chunked,
+  // the path the CUDA kernels take); and the bytes of the chunked path's per-chunk buffers
+  // (0: the default). Both return the previous setting.
+  m.def("set_cpu_path(str path) -> str", &normface::set_cpu_path);
+  m.def("set_chunk_budget(int bytes) -> int", &normface::set_chunk_budget);
 
   // Paper eq. 3: x / sqrt(sum x^2 + eps) along the last dim; eq. 4 is its backward.
   m.def("l2_normalize(Tensor x, float eps=1e-12) -> Tensor");
@@ -102,6 +112,8 @@ TORCH_LIBRARY(normface, m) {
       "float m1, float m2, float m3, float lam, bool normalize_features, bool normalize_weight, "
       "int ignore_index, int class_start, int num_classes) -> (Tensor loss, Tensor lse)");
   // dL/dz_ij = grad_loss_i (p_ij - [j == y_i]) + grad_lse_i p_ij, with p = exp(z - lse).
+  // An ignored row enters only through a non-zero grad_lse_i; otherwise it contributes nothing,
+  // even when its features are NaN or inf (grad_features row 0).
   m.def(
       "cosine_softmax_backward(Tensor grad_loss, Tensor grad_lse, Tensor features, "
       "Tensor weight, Tensor labels, Tensor scale, Tensor lse, float m1, float m2, float m3, "

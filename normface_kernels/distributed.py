@@ -335,13 +335,7 @@ class ShardedNormFaceLoss(nn.Module):
             persistent=False)
 
         self.loss, self.aux, self.aux_weight = loss, aux, float(aux_weight)
-        self.m1, self.m2, self.m3 = (float(m) for m in margins)
-        self.lam = float(lam)
-        for name, value in (("m1", self.m1), ("m2", self.m2), ("m3", self.m3),
-                            ("lam", self.lam)):
-            checks.check_finite(name, value)
-        if self.m1 <= 0 or self.lam < 0:
-            raise ValueError(f"m1 must be > 0 and lam >= 0, got m1={self.m1}, lam={self.lam}")
+        self.m1, self.m2, self.m3, self.lam = checks.check_margins(*margins, lam)
         self.normalize_features = bool(normalize_features)
         self.normalize_weight = bool(normalize_weight)
         self.pos_margin, self.neg_margin = float(pos_margin), float(neg_margin)

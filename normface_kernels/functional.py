@@ -102,12 +102,15 @@ def _op(name, backend):
 
 
 def _prepare(features, weight, labels, ignore_index, reduction, backend):
+    """The checks every loss makes (SPEC "Bad input"): returns int64 labels, ignore_index as an
+    int and the concrete backend."""
     labels = checks.check_inputs(features, weight, labels)
+    ignore_index = checks.check_int("ignore_index", ignore_index)
     checks.check_reduction(reduction)
     backend = resolve_backend(backend, features.device)
     if backend == "reference":
         checks.check_labels_range(labels, weight.shape[0], ignore_index)
-    return labels, backend
+    return labels, ignore_index, backend
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,8 +122,7 @@ def l2_normalize(x, eps=1e-12, *, backend="auto"):
 
     x: (..., D) floating. Returns the same shape and dtype.
     """
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise ValueError("x must be a floating tensor")
+    eps = checks.check_normalize_inputs(x, eps)
     backend = resolve_backend(backend, x.device)
     if backend == "reference":
         return reference.l2_normalize(x, eps)
@@ -136,6 +138,7 @@ def cosine_logits(features, weight, scale=1.0, *, backend="auto"):
     s = checks.scale_tensor(scale, features)
     backend = resolve_backend(backend, features.device)
     if backend == "reference":
+        checks.check_scale_value(s)  # the ops check it themselves
         return reference.cosine_logits(features, weight, s).to(features.dtype)
     if backend == "triton" and hasattr(torch.ops.normface, "triton_cosine_logits"):
         return torch.ops.normface.triton_cosine_logits(features, weight, s, 1e-12)
@@ -152,26 +155,20 @@ def cosine_softmax(features, weight, labels, scale=30.0, *, m1=1.0, m2=0.0, m3=0
     m1 (SphereFace, integer > 1), m2 (ArcFace, radians), m3 (CosFace), lam (SphereFace annealing).
     Returns the reduced loss (0-dim) or, with reduction="none", per-sample losses (B,), float32.
     """
-    labels, backend = _prepare(features, weight, labels, ignore_index, reduction, backend)
-    for name, value in (("m1", m1), ("m2", m2), ("m3", m3), ("lam", lam)):
-        checks.check_finite(name, value)
-    if m1 <= 0:
-        raise ValueError(f"m1 must be > 0, got {m1}")
-    if lam < 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
+    labels, ignore_index, backend = _prepare(features, weight, labels, ignore_index, reduction,
+                                             backend)
+    m1, m2, m3, lam = checks.check_margins(m1, m2, m3, lam)
     s = checks.scale_tensor(scale, features)
-    margins = dict(m1=float(m1), m2=float(m2), m3=float(m3), lam=float(lam))
     if backend == "reference":
-        if not bool(torch.isfinite(s)):
-            raise ValueError(f"scale must be finite, got {float(s)}")
+        checks.check_scale_value(s)  # the ops check it themselves
         loss = reference.cosine_softmax(
-            features, weight, labels, s, normalize_features=normalize_features,
-            normalize_weight=normalize_weight, ignore_index=ignore_index, **margins)
+            features, weight, labels, s, m1=m1, m2=m2, m3=m3, lam=lam,
+            normalize_features=normalize_features, normalize_weight=normalize_weight,
+            ignore_index=ignore_index)
     else:
         loss, _ = _op("cosine_softmax_forward", backend)(
-            features, weight, labels, s, margins["m1"], margins["m2"], margins["m3"],
-            margins["lam"], bool(normalize_features), bool(normalize_weight), int(ignore_index),
-            0, -1)
+            features, weight, labels, s, m1, m2, m3, lam, bool(normalize_features),
+            bool(normalize_weight), ignore_index, 0, -1)
     return reduce_loss(loss, labels, ignore_index, reduction)
 
 
@@ -182,15 +179,16 @@ def c_contrastive(features, weight, labels, *, pos_margin=0.0, neg_margin=1.0, i
     relu(d_iy - pos_margin) + sum_{j != y_i} relu(neg_margin - d_ij) per sample.
     features: (B, D), weight: (C, D) agents, labels: (B,). Returns 0-dim or (B,) float32.
     """
-    labels, backend = _prepare(features, weight, labels, ignore_index, reduction, backend)
-    checks.check_finite("pos_margin", pos_margin)
-    checks.check_finite("neg_margin", neg_margin)
+    labels, ignore_index, backend = _prepare(features, weight, labels, ignore_index, reduction,
+                                             backend)
+    pos_margin = checks.check_finite("pos_margin", pos_margin)
+    neg_margin = checks.check_finite("neg_margin", neg_margin)
     if backend == "reference":
         loss = reference.c_contrastive(features, weight, labels, pos_margin=pos_margin,
                                        neg_margin=neg_margin, ignore_index=ignore_index)
     else:
-        loss = _op("c_contrastive", backend)(features, weight, labels, float(pos_margin),
-                                             float(neg_margin), int(ignore_index), 0, -1)
+        loss = _op("c_contrastive", backend)(features, weight, labels, pos_margin, neg_margin,
+                                             ignore_index, 0, -1)
     return reduce_loss(loss, labels, ignore_index, reduction)
 
 
@@ -201,25 +199,27 @@ def c_triplet(features, weight, labels, *, margin=0.8, hardest_only=True, center
     hardest_only: relu(margin + d_iy - min_{k != y} d_ik), else the sum over every k != y;
     center=True adds d_iy ("C-triplet + center"). Returns 0-dim or (B,) float32.
     """
-    labels, backend = _prepare(features, weight, labels, ignore_index, reduction, backend)
-    checks.check_finite("margin", margin)
+    labels, ignore_index, backend = _prepare(features, weight, labels, ignore_index, reduction,
+                                             backend)
+    margin = checks.check_finite("margin", margin)
     if backend == "reference":
         loss = reference.c_triplet(features, weight, labels, margin=margin,
                                    hardest_only=hardest_only, center=center,
                                    ignore_index=ignore_index)
     else:
         loss, _ = _op("c_triplet_forward", backend)(
-            features, weight, labels, float(margin), bool(hardest_only), bool(center),
-            int(ignore_index), 0, -1)
+            features, weight, labels, margin, bool(hardest_only), bool(center), ignore_index,
+            0, -1)
     return reduce_loss(loss, labels, ignore_index, reduction)
 
 
 def center_loss(features, weight, labels, *, ignore_index=-100, reduction="mean",
                 backend="auto"):
     """Center loss on the hypersphere, d_iy = ||f~_i - W~_y||^2 = 2 - 2 cos_iy per sample."""
-    labels, backend = _prepare(features, weight, labels, ignore_index, reduction, backend)
+    labels, ignore_index, backend = _prepare(features, weight, labels, ignore_index, reduction,
+                                             backend)
     if backend == "reference":
         loss = reference.center_loss(features, weight, labels, ignore_index=ignore_index)
     else:
-        loss = _op("center_loss", backend)(features, weight, labels, int(ignore_index), 0, -1)
+        loss = _op("center_loss", backend)(features, weight, labels, ignore_index, 0, -1)
     return reduce_loss(loss, labels, ignore_index, reduction)

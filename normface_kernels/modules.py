@@ -115,11 +115,7 @@ class NormFaceLoss(nn.Module):
             raise ValueError(f"distortion_momentum must be in [0, 1), got {distortion_momentum}")
         checks.check_reduction(reduction)
         self.loss, self.aux, self.aux_weight = loss, aux, float(aux_weight)
-        self.m1, self.m2, self.m3 = (float(m) for m in margins)
-        self.lam = float(lam)
-        for name, value in (("m1", self.m1), ("m2", self.m2), ("m3", self.m3),
-                            ("lam", self.lam)):
-            checks.check_finite(name, value)
+        self.m1, self.m2, self.m3, self.lam = checks.check_margins(*margins, lam)
         self.normalize_features, self.normalize_weight = normalize_features, normalize_weight
         self.pos_margin, self.neg_margin = float(pos_margin), float(neg_margin)
         self.triplet_margin, self.hardest_only, self.center = (

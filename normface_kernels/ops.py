@@ -9,6 +9,8 @@ schemas of their own.
 
 import torch
 
+from . import checks
+
 # Loss ops whose backward is a separate op taking (grads..., *inputs, *saved outputs, *params).
 _LOSS_FAMILY = ("l2_normalize", "cosine_softmax_forward", "c_contrastive", "c_triplet_forward",
                 "center_loss")
@@ -17,16 +19,6 @@ _LOSS_FAMILY = ("l2_normalize", "cosine_softmax_forward", "c_contrastive", "c_tr
 def _loss_dtype(features):
     """Losses and lse are float32, or float64 for float64 inputs (SPEC: accumulation dtype)."""
     return torch.float64 if features.dtype == torch.float64 else torch.float32
-
-
-def _check_shapes(features, weight, labels):
-    torch._check(features.dim() == 2, lambda: f"features must be 2-D (B, D), got {features.dim()}-D")
-    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D (C, D), got {weight.dim()}-D")
-    torch._check(labels.dim() == 1, lambda: f"labels must be 1-D (B,), got {labels.dim()}-D")
-    torch._check(features.shape[1] == weight.shape[1],
-                 lambda: "features and weight must have the same D")
-    torch._check(labels.shape[0] == features.shape[0],
-                 lambda: "labels must have one entry per row of features")
 
 
 def _per_sample(features, dtype=None):
@@ -38,44 +30,85 @@ def _per_sample(features, dtype=None):
 # ---------------------------------------------------------------------------------------------
 
 def _register_fakes(prefix):
+    """Fake kernels of the C++ ops. They make the ops' argument checks too (checks.py, data
+    checks skipped: a fake or meta tensor has no data): torch.compile reports a bad argument at
+    trace time, and a meta tensor mixed with real ones -- which the dispatcher sends here, the
+    Meta key winning -- raises instead of returning uninitialized memory."""
     ns = f"normface::{prefix}"
 
     @torch.library.register_fake(ns + "l2_normalize")
     def _(x, eps=1e-12):
+        checks.check_normalize_inputs(x, eps)
         return torch.empty_like(x)
 
     @torch.library.register_fake(ns + "l2_normalize_backward")
     def _(grad, x, eps):
+        checks.check_normalize_inputs(x, eps, grad)
         return torch.empty_like(x)
 
     @torch.library.register_fake(ns + "cosine_softmax_forward")
-    def _(features, weight, labels, scale, *params):
-        _check_shapes(features, weight, labels)
+    def _(features, weight, labels, scale, m1, m2, m3, lam, normalize_features,
+          normalize_weight, ignore_index, class_start, num_classes):
+        checks.check_margins(m1, m2, m3, lam)
+        checks.check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
+                               scale)
         return _per_sample(features), _per_sample(features)
 
     @torch.library.register_fake(ns + "cosine_softmax_backward")
-    def _(grad_loss, grad_lse, features, weight, labels, scale, lse, *params):
+    def _(grad_loss, grad_lse, features, weight, labels, scale, lse, m1, m2, m3, lam,
+          normalize_features, normalize_weight, ignore_index, class_start, num_classes):
+        checks.check_margins(m1, m2, m3, lam)
+        checks.check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
+                               scale)
+        for name, t in (("grad_loss", grad_loss), ("grad_lse", grad_lse), ("lse", lse)):
+            checks.check_per_sample(name, t, features)
         return torch.empty_like(features), torch.empty_like(weight), torch.empty_like(scale)
 
+    # Defaults as in the schemas: a call may leave them out.
     @torch.library.register_fake(ns + "c_contrastive")
-    def _(features, weight, labels, *params):
-        _check_shapes(features, weight, labels)
+    def _(features, weight, labels, pos_margin=0.0, neg_margin=1.0, ignore_index=-100,
+          class_start=0, num_classes=-1):
+        checks.check_finite("pos_margin", pos_margin)
+        checks.check_finite("neg_margin", neg_margin)
+        checks.check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
         return _per_sample(features)
+
+    @torch.library.register_fake(ns + "c_contrastive_backward")
+    def _(grad_loss, features, weight, labels, pos_margin, neg_margin, ignore_index,
+          class_start, num_classes):
+        checks.check_finite("pos_margin", pos_margin)
+        checks.check_finite("neg_margin", neg_margin)
+        checks.check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
+        checks.check_per_sample("grad_loss", grad_loss, features)
+        return torch.empty_like(features), torch.empty_like(weight)
 
     @torch.library.register_fake(ns + "c_triplet_forward")
-    def _(features, weight, labels, *params):
-        _check_shapes(features, weight, labels)
+    def _(features, weight, labels, margin, hardest_only, center, ignore_index, class_start,
+          num_classes):
+        checks.check_finite("margin", margin)
+        checks.check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
         return _per_sample(features), _per_sample(features, torch.int64)
 
+    @torch.library.register_fake(ns + "c_triplet_backward")
+    def _(grad_loss, features, weight, labels, hardest, margin, hardest_only, center,
+          ignore_index, class_start, num_classes):
+        checks.check_finite("margin", margin)
+        checks.check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
+        checks.check_per_sample("grad_loss", grad_loss, features)
+        if hardest_only:
+            checks.check_hardest(hardest, features, weight)
+        return torch.empty_like(features), torch.empty_like(weight)
+
     @torch.library.register_fake(ns + "center_loss")
-    def _(features, weight, labels, *params):
-        _check_shapes(features, weight, labels)
+    def _(features, weight, labels, ignore_index=-100, class_start=0, num_classes=-1):
+        checks.check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
         return _per_sample(features)
 
-    for name in ("c_contrastive_backward", "c_triplet_backward", "center_loss_backward"):
-        @torch.library.register_fake(ns + name)
-        def _(grad_loss, features, weight, *rest):
-            return torch.empty_like(features), torch.empty_like(weight)
+    @torch.library.register_fake(ns + "center_loss_backward")
+    def _(grad_loss, features, weight, labels, ignore_index, class_start, num_classes):
+        checks.check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
+        checks.check_per_sample("grad_loss", grad_loss, features)
+        return torch.empty_like(features), torch.empty_like(weight)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,10 +65,20 @@ def _valid(labels, ignore_index):
     return labels != ignore_index
 
 
+def _keep_valid_rows(features, labels, ignore_index):
+    """Features with the rows of ignored samples replaced by zeros, and the valid mask. SPEC: an
+    ignored sample contributes nothing, even when its features are NaN or inf; zeroing the row
+    before any arithmetic keeps 0 * NaN out of every gradient (its own gradient is exactly 0)."""
+    valid = _valid(labels, ignore_index)
+    return torch.where(valid[:, None], features, torch.zeros((), dtype=features.dtype,
+                                                             device=features.device)), valid
+
+
 def cosine_softmax(features, weight, labels, scale=30.0, *, m1=1.0, m2=0.0, m3=0.0, lam=0.0,
                    normalize_features=True, normalize_weight=True, ignore_index=-100, eps=1e-12):
     """Per-sample loss_i = logsumexp_j z_ij - z_iy (SPEC "Cosine softmax with margins"), (B,)."""
     acc = _acc_dtype(features)
+    features, valid = _keep_valid_rows(features, labels, ignore_index)
     f = features.to(acc)
     w = weight.to(acc)
     f_norm = _norm(f, eps)                       # (B, 1)
@@ -78,7 +88,6 @@ def cosine_softmax(features, weight, labels, scale=30.0, *, m1=1.0, m2=0.0, m3=0
     b = torch.ones_like(w_norm) if normalize_weight else w_norm
     s = scale.to(acc) if torch.is_tensor(scale) else scale
 
-    valid = _valid(labels, ignore_index)
     y = torch.where(valid, labels, torch.zeros_like(labels))
     cos_y = cos.gather(1, y[:, None])            # (B, 1)
     t = (lam * cos_y + psi(cos_y, m1, m2, m3)) / (1.0 + lam)
@@ -95,6 +104,13 @@ def _agent_distance(features, weight, eps):
     return 2.0 - 2.0 * cosine_logits(features, weight, 1.0, eps)
 
 
+def _agent_setup(features, weight, labels, ignore_index, eps):
+    """d (B, C), the valid mask, the one-hot of the targets and d_iy (ignored rows zeroed)."""
+    features, _ = _keep_valid_rows(features, labels, ignore_index)
+    d = _agent_distance(features, weight, eps)
+    return (d,) + _target_distance(d, labels, ignore_index)
+
+
 def _target_distance(d, labels, ignore_index):
     valid = _valid(labels, ignore_index)
     y = torch.where(valid, labels, torch.zeros_like(labels))
@@ -105,8 +121,7 @@ def _target_distance(d, labels, ignore_index):
 def c_contrastive(features, weight, labels, *, pos_margin=0.0, neg_margin=1.0, ignore_index=-100,
                   eps=1e-12):
     """Paper eq. 10 with agents: relu(d_iy - pos_margin) + sum_{j != y} relu(neg_margin - d_ij)."""
-    d = _agent_distance(features, weight, eps)
-    valid, onehot, d_y = _target_distance(d, labels, ignore_index)
+    d, valid, onehot, d_y = _agent_setup(features, weight, labels, ignore_index, eps)
     negatives = torch.where(onehot, torch.zeros_like(d), torch.relu(neg_margin - d)).sum(dim=1)
     loss = torch.relu(d_y - pos_margin) + negatives
     return torch.where(valid, loss, torch.zeros_like(loss))
@@ -115,8 +130,7 @@ def c_contrastive(features, weight, labels, *, pos_margin=0.0, neg_margin=1.0, i
 def c_triplet(features, weight, labels, *, margin=0.8, hardest_only=True, center=False,
               ignore_index=-100, eps=1e-12):
     """Paper eq. 11 with agents; hardest_only uses the nearest wrong agent (first on ties)."""
-    d = _agent_distance(features, weight, eps)
-    valid, onehot, d_y = _target_distance(d, labels, ignore_index)
+    d, valid, onehot, d_y = _agent_setup(features, weight, labels, ignore_index, eps)
     if hardest_only:
         d_neg = torch.where(onehot, torch.full_like(d, math.inf), d)
         hardest = d_neg.argmin(dim=1, keepdim=True)      # first index among equal distances
@@ -132,8 +146,7 @@ def c_triplet(features, weight, labels, *, margin=0.8, hardest_only=True, center
 
 def center_loss(features, weight, labels, *, ignore_index=-100, eps=1e-12):
     """Center loss on the hypersphere: d_iy = 2 - 2 cos_iy."""
-    d = _agent_distance(features, weight, eps)
-    valid, _, d_y = _target_distance(d, labels, ignore_index)
+    _, valid, _, d_y = _agent_setup(features, weight, labels, ignore_index, eps)
     return torch.where(valid, d_y, torch.zeros_like(d_y))
 
 

@@ -16,10 +16,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-# Not imported here: the triton package decides at its import whether it runs interpreted, and
-# test_triton.py (collected later in the same run) sets TRITON_INTERPRET=1 before importing it.
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("the triton package is not installed", allow_module_level=True)
+# Not imported here: importing triton before test_triton.py sets TRITON_INTERPRET=1 would break
+# the interpreter for the whole session.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

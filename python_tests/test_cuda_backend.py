@@ -1,9 +1,12 @@
-"""The CUDA backend (csrc/cuda) against the reference (normface_kernels/reference.py).
+"""The CUDA backend against the reference (normface_kernels/reference.py): the chunked path of
+csrc/chunked (cuBLAS GEMMs over class chunks) with its CUDA epilogues (csrc/cuda).
 
-Every op and every gradient, fp32 / fp16 / bf16, at small odd sizes and (marked slow) at a
-realistic size with a million classes. Tolerance rule of STYLE.md: the kernel's error against
-the float64 reference must be at most 2x the error of the plain PyTorch computation run in the
-same low precision, plus a small atol (relative to the magnitude of the compared tensor).
+Every op and every gradient, fp32 / fp16 / bf16, at small odd sizes, across chunk boundaries (a
+tiny chunk budget), with ignored rows holding NaN, without a host sync when the data checks are
+off, and (marked slow) at a realistic size with a million classes. Tolerance rule of STYLE.md:
+the kernel's error against the float64 reference must be at most 2x the error of the plain
+PyTorch computation run in the same low precision, plus a small atol (relative to the magnitude
+of the compared tensor).
 
 Skipped without a CUDA device. Run: pytest python_tests/test_cuda_backend.py [-m "not slow"]
 """
@@ -16,6 +19,7 @@ import torch
 
 import normface_kernels as nk
 from normface_kernels import reference as ref
+from normface_kernels.chunking import chunk_budget
 
 pytestmark = [
     pytest.mark.gpu,
@@ -577,3 +581,113 @@ def test_cosine_softmax_realistic_batch(dtype):
                                   "center_loss"])
 def test_agent_losses_million_classes(case, dtype):
     run_agent_case(case, 64, 1_000_003, 512, dtype, ignore=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunked path: chunk boundaries, ignored rows holding NaN, no host sync, float16 scaling
+# ---------------------------------------------------------------------------------------------
+
+def budget_for(classes, B, D, dtype):
+    """A chunk budget whose chunks hold `classes` classes (csrc/chunked ChunkWalk::chunk_size:
+    per class B + D float32 values, plus B 16-bit values for a 16-bit gradient operand)."""
+    per_class = (B + D) * 4 + (B * 2 if dtype in (torch.float16, torch.bfloat16) else 0)
+    return classes * per_class
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("classes", [1, 7, 64])
+def test_chunk_boundaries(dtype, classes):
+    # C not a multiple of the chunk: the last chunk is partial; one class per chunk at worst.
+    with chunk_budget(budget_for(classes, 37, 48, dtype)):
+        run_softmax_case(37, 203, 48, dtype, MARGINS["combined"], NORMALIZE["both"], ignore=4)
+        for case in ("c_contrastive_wide", "c_triplet_all_center", "c_triplet_hardest"):
+            run_agent_case(case, 37, 203, 48, dtype, ignore=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_single_class_in_tiny_chunks(dtype):
+    with chunk_budget(1):
+        run_softmax_case(5, 1, 16, dtype, MARGINS["arcface"], NORMALIZE["both"])
+        run_agent_case("c_triplet_hardest_center", 5, 1, 16, dtype)
+        run_softmax_case(5, 9, 16, dtype, MARGINS["sphereface"], NORMALIZE["neither"])
+
+
+LOSSES = {
+    "arcface": lambda f, w, y, s: nk.cosine_softmax(f, w, y, s, m2=0.5, reduction="sum",
+                                                    backend="cuda"),
+    "l_softmax": lambda f, w, y, s: nk.cosine_softmax(
+        f, w, y, s, m1=2.0, normalize_features=False, normalize_weight=False, reduction="sum",
+        backend="cuda"),
+    **{case: (lambda name, kw: lambda f, w, y, s: getattr(nk, name)(
+        f, w, y, reduction="sum", backend="cuda", **kw) * s)(*agent_fn(case))
+       for case in AGENT_CASES},
+}
+
+
+@pytest.mark.parametrize("case", list(LOSSES))
+def test_ignored_rows_holding_nan_contribute_nothing(case):
+    """SPEC: a sample with label ignore_index contributes nothing, even when its features are NaN
+    or inf: loss, grad_weight and grad_scale are those of the batch without it, its own gradient
+    is exactly 0."""
+    f, w, y = make_inputs(20, 150, 32, torch.float32, near=1.5)
+    bad = torch.tensor([3, 11], device="cuda")
+    y[bad] = -100
+    f[3, 5] = float("nan")
+    f[11] = float("inf")
+    keep = y != -100
+    s = leaf(torch.tensor(4.0, device="cuda"))
+    fl, wl = leaf(f), leaf(w)
+    with chunk_budget(budget_for(16, 20, 32, torch.float32)):
+        loss = LOSSES[case](fl, wl, y, s)
+        loss.backward()
+        s2, f2, w2 = leaf(s), leaf(f[keep]), leaf(w)
+        expect = LOSSES[case](f2, w2, y[keep], s2)
+        expect.backward()
+    torch.testing.assert_close(loss, expect)
+    torch.testing.assert_close(wl.grad, w2.grad)
+    torch.testing.assert_close(s.grad, s2.grad)
+    torch.testing.assert_close(fl.grad[keep], f2.grad)
+    assert torch.all(fl.grad[~keep] == 0)
+
+
+@pytest.mark.parametrize("case", ["arcface", "c_contrastive", "c_triplet_hardest_center",
+                                  "c_triplet_all", "center_loss"])
+def test_training_step_makes_no_host_sync_with_data_checks_off(case):
+    """Data checks off: forward + backward make no host-device synchronization (a CUDA graph can
+    capture the step); torch's sync debug mode turns any sync into an error."""
+    f, w, y = make_inputs(40, 300, 64, torch.bfloat16, ignore=3, near=1.5)
+    fl, wl = leaf(f), leaf(w)
+    s = leaf(torch.tensor(20.0, device="cuda"))
+    torch.cuda.synchronize()
+    previous = nk.set_data_checks(False)
+    try:
+        with chunk_budget(budget_for(64, 40, 64, torch.bfloat16)):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                LOSSES[case](fl, wl, y, s).backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        nk.set_data_checks(previous)
+    assert torch.isfinite(fl.grad.float()).all() and torch.isfinite(wl.grad.float()).all()
+
+
+def test_float16_gradients_below_the_subnormal_range():
+    """float16, s = 64: each dL/dz of a wrong class is ~1e-8, below float16's smallest subnormal,
+    but C of them add up (the wrong agents share the direction e_3) to the e_3 component of
+    grad_features: the gradient operand's power-of-two scaling keeps them."""
+    B, C, D = 4, 10_000, 16
+    g = torch.Generator(device="cuda").manual_seed(0)
+    e = torch.eye(D, device="cuda")
+    w = e[3] + 0.002 * torch.randn(C, D, device="cuda", generator=g)
+    w[0] = e[1]
+    y = torch.zeros(B, dtype=torch.int64, device="cuda")
+    f = 0.35 * e[1] + 0.937 * e[2] + 0.001 * torch.randn(B, D, device="cuda", generator=g)
+    f16, w16 = leaf(f, torch.float16), leaf(w, torch.float16)
+    f64, w64 = leaf(f16, torch.float64), leaf(w16, torch.float64)
+    nk.cosine_softmax(f16, w16, y, 64.0, reduction="sum", backend="cuda").backward()
+    ref.cosine_softmax(f64, w64, y, 64.0).sum().backward()
+    exact, ours = f64.grad[:, 3], f16.grad[:, 3].double()
+    assert exact.abs().min() > 0.5 * f64.grad.abs().max()
+    err = ((ours - exact).abs() / exact.abs()).max().item()
+    assert err < 1e-2, f"grad_features e_3 component: relative error {err:.3g}"

@@ -1,8 +1,10 @@
-"""The CUDA kernels (csrc/cuda) are registered for every op that has no composite kernel.
+"""The CUDA kernels (the chunked path of csrc/chunked with the epilogues of csrc/cuda) are
+registered for every op that has no composite kernel.
 
-Needs no GPU: it asks the dispatcher, it runs nothing. Skipped only when the extension cannot
-have been built with CUDA (CPU-only torch, NORMFACE_NO_CUDA=1, or no CUDA toolkit to be found the
-way setup.py looks for one) -- if a toolkit is there, a missing CUDA kernel is a failure.
+Needs no GPU: it asks the dispatcher, it runs nothing. Skipped only when the extension was
+deliberately built without CUDA (NORMFACE_NO_CUDA=1 or a CPU-only torch, as setup.py recorded in
+normface_kernels/_build_info.py) or cannot have been (no CUDA toolkit then or now) -- if a toolkit
+is there and the build did not opt out, a missing CUDA kernel is a failure.
 """
 
 import glob
@@ -45,18 +47,30 @@ def _toolkit_found():
     return shutil.which("nvcc") is not None
 
 
-def _cuda_build_impossible():
-    return (torch.version.cuda is None or os.environ.get("NORMFACE_NO_CUDA", "0") == "1"
-            or not _toolkit_found())
+def _cpu_only_reason():
+    """Why the build had no CUDA kernels on purpose (or could not have), else None."""
+    try:
+        from normface_kernels import _build_info
+    except ImportError:  # built by other means than setup.py (e.g. CMake): the old rule
+        _build_info = None
+    if _build_info is not None and _build_info.CUDA_SKIPPED_BECAUSE in ("NORMFACE_NO_CUDA=1",
+                                                                         "CPU-only torch"):
+        return f"built without CUDA on purpose ({_build_info.CUDA_SKIPPED_BECAUSE})"
+    if torch.version.cuda is None:
+        return "CPU-only torch"
+    if os.environ.get("NORMFACE_NO_CUDA", "0") == "1" and _build_info is None:
+        return "NORMFACE_NO_CUDA=1"
+    if not _toolkit_found():
+        return "no CUDA toolkit"
+    return None
 
 
 _ANY_CUDA_KERNEL = normface_kernels._cpp_error is None and any(
     _has_cuda_kernel(name) for name in CUDA_OPS)
 
+_CPU_ONLY = None if _ANY_CUDA_KERNEL else _cpu_only_reason()
 pytestmark = pytest.mark.skipif(
-    not _ANY_CUDA_KERNEL and _cuda_build_impossible(),
-    reason="normface_kernels._C built without CUDA (CPU-only torch, NORMFACE_NO_CUDA=1 or no "
-           "CUDA toolkit)")
+    _CPU_ONLY is not None, reason=f"normface_kernels._C has no CUDA kernels: {_CPU_ONLY}")
 
 
 def test_extension_loaded():
@@ -72,6 +86,14 @@ def test_cuda_kernel_registered(name):
 
 def test_has_cuda_kernels_reports_it():
     assert normface_kernels.has_cuda_kernels()
+
+
+@pytest.mark.parametrize("name", CUDA_OPS)
+def test_cuda_kernel_is_the_chunked_path(name):
+    # One way to compute each thing: every CUDA kernel is the chunked orchestration.
+    table = torch._C._dispatch_dump_table(f"normface::{name}")
+    cuda = [line for line in table.splitlines() if line.startswith("CUDA:")]
+    assert cuda and "chunked" in cuda[0], cuda
 
 
 @pytest.mark.parametrize("name", COMPOSITE_OPS)

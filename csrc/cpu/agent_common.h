@@ -32,6 +32,12 @@ struct AgentSetup {
         split(features.size(0), weight.size(0)) {
     labels = local_labels(labels_in, ignore_index, class_start, C);
     unit_f = unit_rows<scalar_t>(f, norm_f);
+    // An ignored row contributes nothing (SPEC), even when its features are NaN or inf: its f~
+    // is zero, so that 0 * NaN in the dense products cannot spread it over grad_W.
+    acc_t* up = unit_f.template data_ptr<acc_t>();
+    for (int64_t i = 0; i < B; ++i) {
+      if (labels.ignored[i]) std::fill(up + i * D, up + (i + 1) * D, acc_t(0));
+    }
     inv_nw.assign(C, acc_t(0));
     if (dense) {
       row_norms(w.data_ptr<scalar_t>(), C, D, inv_nw.data());
@@ -176,6 +182,10 @@ struct AgentGrads {
     scalar_t* gf = grad_f.template data_ptr<scalar_t>();
     at::parallel_for(0, st.B, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
+        if (st.labels.ignored[i]) {  // no term at all, whatever the row holds
+          std::fill(gf + i * D, gf + (i + 1) * D, scalar_t(0));
+          continue;
+        }
         const acc_t inv = acc_t(1) / nf[i];
         normalize_backward_row(fp + i * D, inv, guf + i * D, inv, acc_t(0), D, gf + i * D);
       }

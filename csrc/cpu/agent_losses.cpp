@@ -25,8 +25,6 @@ template <typename scalar_t>
 std::vector<at::opmath_type<scalar_t>> upstream(const at::Tensor& grad_loss,
                                                 const AgentSetup<scalar_t>& st) {
   using acc_t = at::opmath_type<scalar_t>;
-  TORCH_CHECK(grad_loss.numel() == st.B, "grad_loss must have B = ", st.B, " entries, got ",
-              grad_loss.sizes());
   const at::Tensor g = grad_loss.to(st.unit_f.scalar_type()).contiguous();
   const acc_t* gp = g.template data_ptr<acc_t>();
   std::vector<acc_t> out(st.B);
@@ -120,6 +118,10 @@ std::tuple<at::Tensor, at::Tensor> contrastive_backward(
   const acc_t neg = static_cast<acc_t>(neg_margin), pos = static_cast<acc_t>(pos_margin);
   AgentGrads<scalar_t> grads(st, st.labels.target, /*dense=*/true);
   walk_class_blocks(st, [&](int64_t, int64_t i, int64_t j0, int64_t n, acc_t* row) {
+    if (st.labels.ignored[i]) {  // loss 0, no gradient
+      std::fill(row, row + n, acc_t(0));
+      return;
+    }
     contrastive_row_grad(row, n, st.labels.target[i] - j0, st.inv_nw.data() + j0, neg,
                          acc_t(2) * g[i]);
   }, [&](int64_t t, int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
@@ -244,14 +246,10 @@ std::tuple<at::Tensor, at::Tensor> triplet_backward(
     return grads.finish();
   }
   // hardest_only: two rows of W per sample, no matmul (kernels.md).
-  TORCH_CHECK(hardest_in.dim() == 1 && hardest_in.numel() == st.B &&
-                  hardest_in.scalar_type() == at::kLong,
-              "hardest must be int64 of shape (B,) = (", st.B, "), got ", hardest_in.sizes(), " ",
-              hardest_in.scalar_type());
+  // hardest was checked (common.h check_hardest: int64 (B,) in [-1, C)).
   const at::Tensor hardest = hardest_in.contiguous();
   const int64_t* hp = hardest.data_ptr<int64_t>();
   for (int64_t i = 0; i < st.B; ++i) {
-    TORCH_CHECK(hp[i] >= -1 && hp[i] < st.C, "hardest must be in [-1, ", st.C, "), got ", hp[i]);
     if (st.labels.target[i] >= 0 && hp[i] >= 0) sparse.push_back(hp[i]);
   }
   st.norm_rows(sparse);
@@ -306,7 +304,8 @@ std::tuple<at::Tensor, at::Tensor> center_backward(const at::Tensor& grad_loss,
 at::Tensor c_contrastive_cpu(const at::Tensor& features, const at::Tensor& weight,
                              const at::Tensor& labels, double pos_margin, double neg_margin,
                              int64_t ignore_index, int64_t class_start, int64_t num_classes) {
-  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+  check_contrastive_args(features, weight, labels, pos_margin, neg_margin, ignore_index,
+                         class_start, num_classes);
   at::Tensor out;
   NF_DISPATCH(features, "c_contrastive", [&] {
     out = contrastive_forward<scalar_t>(features, weight, labels, pos_margin, neg_margin,
@@ -319,7 +318,9 @@ std::tuple<at::Tensor, at::Tensor> c_contrastive_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
     const at::Tensor& labels, double pos_margin, double neg_margin, int64_t ignore_index,
     int64_t class_start, int64_t num_classes) {
-  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+  check_contrastive_args(features, weight, labels, pos_margin, neg_margin, ignore_index,
+                         class_start, num_classes);
+  check_per_sample("grad_loss", grad_loss, features);
   std::tuple<at::Tensor, at::Tensor> out;
   NF_DISPATCH(features, "c_contrastive_backward", [&] {
     out = contrastive_backward<scalar_t>(grad_loss, features, weight, labels, pos_margin,
@@ -332,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor> c_triplet_forward_cpu(
     const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels, double margin,
     bool hardest_only, bool center, int64_t ignore_index, int64_t class_start,
     int64_t num_classes) {
-  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+  check_triplet_args(features, weight, labels, margin, ignore_index, class_start, num_classes);
   std::tuple<at::Tensor, at::Tensor> out;
   NF_DISPATCH(features, "c_triplet_forward", [&] {
     out = triplet_forward<scalar_t>(features, weight, labels, margin, hardest_only, center,
@@ -345,7 +346,8 @@ std::tuple<at::Tensor, at::Tensor> c_triplet_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
     const at::Tensor& labels, const at::Tensor& hardest, double margin, bool hardest_only,
     bool center, int64_t ignore_index, int64_t class_start, int64_t num_classes) {
-  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+  check_triplet_backward_args(grad_loss, features, weight, labels, hardest, margin, hardest_only,
+                              ignore_index, class_start, num_classes);
   std::tuple<at::Tensor, at::Tensor> out;
   NF_DISPATCH(features, "c_triplet_backward", [&] {
     out = triplet_backward<scalar_t>(grad_loss, features, weight, labels, hardest, margin,
@@ -357,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor> c_triplet_backward_cpu(
 at::Tensor center_loss_cpu(const at::Tensor& features, const at::Tensor& weight,
                            const at::Tensor& labels, int64_t ignore_index, int64_t class_start,
                            int64_t num_classes) {
-  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+  check_agent_args(features, weight, labels, ignore_index, class_start, num_classes);
   at::Tensor out;
   NF_DISPATCH(features, "center_loss", [&] {
     out = center_forward<scalar_t>(features, weight, labels, ignore_index, class_start);
@@ -368,7 +370,8 @@ at::Tensor center_loss_cpu(const at::Tensor& features, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor> center_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
     const at::Tensor& labels, int64_t ignore_index, int64_t class_start, int64_t num_classes) {
-  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+  check_agent_args(features, weight, labels, ignore_index, class_start, num_classes);
+  check_per_sample("grad_loss", grad_loss, features);
   std::tuple<at::Tensor, at::Tensor> out;
   NF_DISPATCH(features, "center_loss_backward", [&] {
     out = center_backward<scalar_t>(grad_loss, features, weight, labels, ignore_index,

@@ -51,7 +51,11 @@ struct Setup {
     for (int64_t j = 0; j < C; ++j) {
       inv_nw[j] = acc_t(1) / nw[j];
       b[j] = mg.normalize_weight ? acc_t(1) : nw[j];
-      col[j] = mg.normalize_weight ? inv_nw[j] : acc_t(1);
+      // b_j / ||W_j|| is 1 when ||W_j|| multiplies the logit -- unless the norm is inf: cos is
+      // then inf / inf, NaN as in the reference, not the +-inf of <f~, W_j> alone.
+      col[j] = mg.normalize_weight ? inv_nw[j]
+                                   : (std::isinf(nw[j]) ? std::numeric_limits<acc_t>::quiet_NaN()
+                                                        : acc_t(1));
     }
     std::vector<acc_t> cos_y(B);
     target_cosines(unit_f.data_ptr<acc_t>(), w.data_ptr<scalar_t>(), nw.data(), labels.target, D,
@@ -71,6 +75,18 @@ struct Setup {
   }
 };
 
+// z_ij of one tile element (SPEC): z_iy at the target column, else
+// s a_i (b_j / ||W_j||) <f~_i, W_j>.
+// The forward and the backward both compute z here, and the sources are built without
+// floating-point contraction (-ffp-contract=off in setup.py / CMakeLists.txt): the backward must
+// recompute every logit bit-identically, since p = exp(z - lse) turns any difference in z into
+// an exponent. A product contracted into the backward's z - lse (an FMA) alone made float64
+// gradients garbage at |z| ~ 1e17 (half an ulp of z is then 8 or more).
+template <typename acc_t>
+inline acc_t logit(bool is_y, acc_t zy, acc_t sa, acc_t col, acc_t dot) {
+  return is_y ? zy : sa * col * dot;
+}
+
 // One row of one class block of the forward: z in place (target column replaced by z_iy,
 // kernels.md), then merged into the row's running (max, sum) with one exp per element.
 template <typename acc_t>
@@ -79,7 +95,7 @@ NF_SIMD_CLONES void forward_row(acc_t* row, int64_t n, int64_t y, acc_t sa, acc_
   acc_t m = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t z = j == y ? zy : sa * col[j] * row[j];
+    const acc_t z = logit(j == y, zy, sa, col[j], row[j]);
     row[j] = z;
     m = z > m ? z : m;
   }
@@ -115,7 +131,7 @@ NF_SIMD_CLONES acc_t backward_row(const RowArgs<acc_t>& r, const acc_t* col, con
 #pragma omp simd reduction(+ : racc)
   for (int64_t j = 0; j < r.n; ++j) {
     const bool is_y = j == r.y;
-    const acc_t z = is_y ? r.zy : r.sa * col[j] * row[j];
+    const acc_t z = logit(is_y, r.zy, r.sa, col[j], row[j]);
     const acc_t p = exp_vec(z - r.lse);
     const acc_t G = r.ge * p - (is_y ? r.g : acc_t(0));
     const acc_t h = is_y ? r.ty : row[j] * inv_nw[j];
@@ -124,13 +140,6 @@ NF_SIMD_CLONES acc_t backward_row(const RowArgs<acc_t>& r, const acc_t* col, con
     row[j] = G * r.sa * bj[j] * (is_y ? r.dty : acc_t(1)) * inv_nw[j];
   }
   return racc;
-}
-
-void check_softmax_args(const at::Tensor& features, const at::Tensor& weight,
-                        const at::Tensor& labels, const at::Tensor& scale, int64_t ignore_index,
-                        int64_t class_start, int64_t num_classes) {
-  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
-  check_scale(scale, features);
 }
 
 template <typename scalar_t>
@@ -207,6 +216,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const acc_t* ge = g_lse.data_ptr<acc_t>();
   std::vector<acc_t> g(B);  // g_i = 0 for ignored rows (kernels.md)
   for (int64_t i = 0; i < B; ++i) g[i] = st.labels.ignored[i] ? acc_t(0) : gl[i];
+  // An ignored row without an lse gradient takes no part at all (SPEC: it contributes nothing,
+  // even when its features are NaN or inf). Its tile row is zeroed and so is its f~ row, since
+  // 0 * NaN = NaN in the products would otherwise spread it over every row of grad_W.
+  std::vector<uint8_t> dropped(B, 0);
+  acc_t* unit_f = st.unit_f.template data_ptr<acc_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    dropped[i] = st.labels.ignored[i] && ge[i] == acc_t(0);
+    if (dropped[i]) std::fill(unit_f + i * D, unit_f + (i + 1) * D, acc_t(0));
+  }
 
   // Per worker: sum_j G_ij b_j h_ij per row (gives grad_s times a_i and grad_a_i times s), the
   // partial grad f~ = sum_j Gc_ij W~_j over its classes, and column sums for grad_b (only when
@@ -232,6 +250,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       cacc = col_acc[t].data();
     }
     for (int64_t i = 0; i < B; ++i) {
+      if (dropped[i]) {
+        std::fill(tp + i * n, tp + (i + 1) * n, acc_t(0));
+        continue;
+      }
       RowArgs<acc_t> r{tp + i * n, n, st.labels.target[i] - j0, st.s * st.a[i], st.a[i],
                        st.z_y[i], st.t[i], st.dt[i], lse_p[i], g[i], g[i] + ge[i]};
       row_part[t * B + i] += cacc ? backward_row<true>(r, col, inv_nw, bj, cacc)
@@ -258,7 +280,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   }
 
   acc_t grad_s = 0;
-  for (int64_t i = 0; i < B; ++i) grad_s += st.a[i] * row_acc[i];
+  for (int64_t i = 0; i < B; ++i) {
+    if (!dropped[i]) grad_s += st.a[i] * row_acc[i];
+  }
   const acc_t* guf = grad_unit_f.data_ptr<acc_t>();
   const acc_t* nf = st.norm_f.template data_ptr<acc_t>();
   const scalar_t* fp = st.f.template data_ptr<scalar_t>();
@@ -266,6 +290,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const bool norm_f = mg.normalize_features;
   at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      if (dropped[i]) {
+        std::fill(gf + i * D, gf + (i + 1) * D, scalar_t(0));
+        continue;
+      }
       const acc_t inv = acc_t(1) / nf[i];
       const acc_t grad_a = norm_f ? acc_t(0) : st.s * row_acc[i];
       normalize_backward_row(fp + i * D, inv, guf + i * D, inv, grad_a, D, gf + i * D);
@@ -280,7 +308,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_softmax_forward_cpu(
     const at::Tensor& scale, double m1, double m2, double m3, double lam,
     bool normalize_features, bool normalize_weight, int64_t ignore_index, int64_t class_start,
     int64_t num_classes) {
-  check_softmax_args(features, weight, labels, scale, ignore_index, class_start, num_classes);
+  check_softmax_forward_args(features, weight, labels, scale, m1, m2, m3, lam, ignore_index,
+                             class_start, num_classes);
   const Margins mg{m1, m2, m3, lam, normalize_features, normalize_weight};
   const double s = scale.item<double>();
   std::tuple<at::Tensor, at::Tensor> out;
@@ -296,11 +325,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_backward_cpu(
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
     const at::Tensor& lse, double m1, double m2, double m3, double lam, bool normalize_features,
     bool normalize_weight, int64_t ignore_index, int64_t class_start, int64_t num_classes) {
-  check_softmax_args(features, weight, labels, scale, ignore_index, class_start, num_classes);
-  const int64_t B = features.size(0);
-  TORCH_CHECK(grad_loss.numel() == B && grad_lse.numel() == B && lse.numel() == B,
-              "grad_loss, grad_lse and lse must have B = ", B, " entries, got ",
-              grad_loss.sizes(), ", ", grad_lse.sizes(), " and ", lse.sizes());
+  check_softmax_backward_args(grad_loss, grad_lse, features, weight, labels, scale, lse, m1, m2,
+                              m3, lam, ignore_index, class_start, num_classes);
   const Margins mg{m1, m2, m3, lam, normalize_features, normalize_weight};
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),

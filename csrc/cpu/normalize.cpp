@@ -17,9 +17,7 @@ acc_t inv_norm(const scalar_t* row, int64_t dim, double eps) {
 
 // x / sqrt(sum x^2 + eps), accumulated in opmath (float32 for half/bf16), stored in x's dtype.
 at::Tensor l2_normalize_cpu(const at::Tensor& x_in, double eps) {
-  TORCH_CHECK(x_in.dim() >= 1, "x must have at least one dim, got a 0-dim tensor");
-  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "x must be floating, got ",
-              x_in.scalar_type());
+  check_normalize_args(x_in, eps);
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty_like(x);
   const int64_t dim = x.size(-1);
@@ -42,9 +40,7 @@ at::Tensor l2_normalize_cpu(const at::Tensor& x_in, double eps) {
 
 // Eq. 4: (g - x~ <g, x~>) / ||x||, orthogonal to x (appendix 8.5). Result in x's dtype.
 at::Tensor l2_normalize_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in, double eps) {
-  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "grad must have the shape of x, got grad ",
-              grad_in.sizes(), " and x ", x_in.sizes());
-  TORCH_CHECK(x_in.dim() >= 1, "x must have at least one dim, got a 0-dim tensor");
+  check_normalize_backward_args(grad_in, x_in, eps);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
   at::Tensor out = at::empty_like(x);

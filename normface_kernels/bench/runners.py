@@ -3,6 +3,8 @@ the leaves whose gradients the backward produces, and the gradient to start the 
 
 Names (the `backend` column):
     reference, cpu, triton, cuda   this package (reference = the eager PyTorch spec, builds B x C)
+    cpu_chunked                    backend cpu on the chunked path (set_cpu_path("chunked")): the
+                                   CUDA backend's orchestration with its CPU epilogues
     torch_compile                  torch.compile of the reference
     gemm_floor                     the three bare matmuls of the same shapes: f W^T (forward),
                                    G W and G^T f (backward); the floor any fused kernel chases
@@ -23,11 +25,12 @@ import math
 
 import torch
 
+from .. import chunking
 from .. import functional as nf_functional
 from .. import reference
 from .grid import OPS
 
-OURS = ("reference", "cpu", "triton", "cuda")
+OURS = ("reference", "cpu", "cpu_chunked", "triton", "cuda")
 PEERS = ("torch_compile", "gemm_floor", "torch_lce", "liger_flce", "cce", "pml")
 ALL_BACKENDS = OURS + PEERS
 KIND = {**{name: "ours" for name in OURS}, "gemm_floor": "floor",
@@ -53,6 +56,16 @@ class Runner:
 
     def backward(self, out):
         out.backward(self.grad_output)
+
+
+@dataclasses.dataclass
+class CpuPathRunner(Runner):
+    """A Runner whose forward and backward run under set_cpu_path(path)."""
+    path: str = "chunked"
+
+    def backward(self, out):
+        with chunking.cpu_path(self.path):
+            super().backward(out)
 
 
 @dataclasses.dataclass
@@ -92,6 +105,10 @@ def _installed(module):
 
 def unavailable_reason(name, device_type):
     """Why `name` cannot run on `device_type` ("cpu" | "cuda"), or None when it can."""
+    if name == "cpu_chunked":
+        if device_type != "cpu":
+            return "CPU tensors only (on CUDA the chunked path is backend cuda)"
+        name = "cpu"
     if name in OURS:
         if name == "triton" and device_type == "cpu":
             return ("needs a CUDA device (TRITON_INTERPRET=1 runs it on CPU, but interpreted "
@@ -137,6 +154,16 @@ def _public(op, backend, inputs):
     fn = getattr(nf_functional, spec.function)
     f, w, y = inputs.features, inputs.weight, inputs.labels
     return Runner(backend, lambda: fn(f, w, y, backend=backend, **spec.options), [f, w])
+
+
+def _cpu_chunked(op, inputs):
+    public = _public(op, "cpu", inputs)
+
+    def forward():
+        with chunking.cpu_path("chunked"):
+            return public.forward()
+    return CpuPathRunner("cpu_chunked", forward, public.leaves, path="chunked",
+                         note="backend cpu on the chunked path (set_cpu_path('chunked'))")
 
 
 def _reference_loss(function, options):
@@ -212,12 +239,13 @@ def _pml(op, inputs):
                        "ArcFaceLoss, CosFaceLoss (own W parameter, builds B x C)")
 
 
-_FACTORIES = {"torch_compile": _torch_compile, "gemm_floor": _gemm_floor,
+_FACTORIES = {"cpu_chunked": _cpu_chunked, "torch_compile": _torch_compile,
+              "gemm_floor": _gemm_floor,
               "torch_lce": _torch_lce, "liger_flce": _liger, "cce": _cce, "pml": _pml}
 
 
 def make_runner(name, op, inputs):
-    if name in OURS:
+    if name in OURS and name not in _FACTORIES:
         return _public(op, name, inputs)
     return _FACTORIES[name](op, inputs)
 

@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.library import triton_op
 
 from . import config
-from ..checks import check_op_inputs, check_per_sample, data_checks_on
+from ..checks import (check_device, check_finite, check_hardest, check_logits_inputs,
+                      check_margins, check_normalize_inputs, check_op_inputs, check_per_sample)
 from .agents import STATS as AGENT_STATS
 from .agents import (c_contrastive_backward, c_contrastive_forward, c_triplet_backward,
                      c_triplet_forward, center_loss, center_loss_backward, hardest_hinge)
@@ -77,41 +78,29 @@ def _need_accumulator(name, t, features):
 
 @_define("normface::triton_l2_normalize")
 def triton_l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a floating tensor, got {x.dtype}")
-    return l2_normalize(x, eps)
+    return l2_normalize(x, check_normalize_inputs(x, eps))
 
 
 @_define("normface::triton_l2_normalize_backward")
 def triton_l2_normalize_backward(grad: Tensor, x: Tensor, eps: float) -> Tensor:
-    if grad.shape != x.shape:
-        raise ValueError(f"grad must have the shape of x {tuple(x.shape)}, got "
-                         f"{tuple(grad.shape)}")
-    return l2_normalize_backward(grad, x, eps)
-
-
-def _check_logits(features, weight, scale):
-    if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
-        raise ValueError(f"features (B, D) and weight (C, D) must share D, got "
-                         f"{tuple(features.shape)} and {tuple(weight.shape)}")
-    if weight.dtype != features.dtype or not features.is_floating_point():
-        raise ValueError(f"features and weight must have the same floating dtype, got "
-                         f"{features.dtype} and {weight.dtype}")
-    if scale.numel() != 1:
-        raise ValueError(f"scale must be a 0-dim tensor, got shape {tuple(scale.shape)}")
+    return l2_normalize_backward(grad, x, check_normalize_inputs(x, eps, grad))
 
 
 @_define("normface::triton_cosine_logits")
 def triton_cosine_logits(features: Tensor, weight: Tensor, scale: Tensor,
                          eps: float = 1e-12) -> Tensor:
-    _check_logits(features, weight, scale)
+    eps = check_logits_inputs(features, weight, scale, eps)
     return cosine_logits(features, weight, scale, eps)
 
 
 @_define("normface::triton_cosine_logits_backward")
 def triton_cosine_logits_backward(grad: Tensor, features: Tensor, weight: Tensor, scale: Tensor,
                                   eps: float) -> Tuple3:
-    _check_logits(features, weight, scale)
+    eps = check_logits_inputs(features, weight, scale, eps)
+    check_device("grad", grad, features)
+    if grad.shape != (features.shape[0], weight.shape[0]):
+        raise ValueError(f"grad must have shape (B, C) = ({features.shape[0]}, "
+                         f"{weight.shape[0]}), got {tuple(grad.shape)}")
     return cosine_logits_backward(grad, features, weight, scale, eps)
 
 
@@ -126,6 +115,7 @@ def triton_cosine_softmax_train(features: Tensor, weight: Tensor, labels: Tensor
                                 ignore_index: int, class_start: int, num_classes: int,
                                 need_grad: bool) -> Tuple5:
     """(loss, lse, stats (7, B), ubar (B, D) or (0, D), nw (C,)); see cosine_softmax_fwd."""
+    m1, m2, m3, lam = check_margins(m1, m2, m3, lam)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes, scale)
     return softmax_forward(features, weight, labels, scale, m1, m2, m3, lam, normalize_features,
                            normalize_weight, ignore_index, class_start, need_grad)
@@ -139,6 +129,7 @@ def triton_cosine_softmax_backward_saved(grad_loss: Tensor, grad_lse: Tensor, fe
                                          normalize_features: bool, normalize_weight: bool,
                                          ignore_index: int, class_start: int,
                                          num_classes: int) -> Tuple3:
+    check_margins(m1, m2, m3, lam)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes, scale,
                     data=False)
     for name, t in (("grad_loss", grad_loss), ("grad_lse", grad_lse), ("lse", lse)):
@@ -161,6 +152,7 @@ def triton_cosine_softmax_backward(grad_loss: Tensor, grad_lse: Tensor, features
                                    num_classes: int) -> Tuple3:
     """The C++ op's schema: runs the forward's statistics again (use the training op pair for
     training). The given lse is used for nothing but its check."""
+    m1, m2, m3, lam = check_margins(m1, m2, m3, lam)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes, scale)
     for name, t in (("grad_loss", grad_loss), ("grad_lse", grad_lse), ("lse", lse)):
         check_per_sample(name, t, features)
@@ -176,11 +168,16 @@ def triton_cosine_softmax_backward(grad_loss: Tensor, grad_lse: Tensor, features
 # Agent losses (paper section 4)
 # ---------------------------------------------------------------------------------------------
 
+def _hinge_margins(pos_margin, neg_margin):
+    return check_finite("pos_margin", pos_margin), check_finite("neg_margin", neg_margin)
+
+
 @_define("normface::triton_c_contrastive_train")
 def triton_c_contrastive_train(features: Tensor, weight: Tensor, labels: Tensor,
                                pos_margin: float, neg_margin: float, ignore_index: int,
                                class_start: int, num_classes: int, need_grad: bool) -> Tuple4:
     """(loss, stats (3, B), V (B, D) or (0, D), nw (C,)); see agents.py."""
+    pos_margin, neg_margin = _hinge_margins(pos_margin, neg_margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
     return c_contrastive_forward(features, weight, labels, pos_margin, neg_margin, ignore_index,
                                  class_start, need_grad)
@@ -191,6 +188,7 @@ def triton_c_contrastive_backward_saved(grad_loss: Tensor, features: Tensor, wei
                                         labels: Tensor, stats: Tensor, v: Tensor, nw: Tensor,
                                         pos_margin: float, neg_margin: float, ignore_index: int,
                                         class_start: int, num_classes: int) -> Tuple2:
+    pos_margin, neg_margin = _hinge_margins(pos_margin, neg_margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
                     data=False)
     check_per_sample("grad_loss", grad_loss, features)
@@ -205,6 +203,7 @@ def triton_c_contrastive_backward(grad_loss: Tensor, features: Tensor, weight: T
                                   labels: Tensor, pos_margin: float, neg_margin: float,
                                   ignore_index: int, class_start: int,
                                   num_classes: int) -> Tuple2:
+    pos_margin, neg_margin = _hinge_margins(pos_margin, neg_margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
     check_per_sample("grad_loss", grad_loss, features)
     _, stats, v, nw = c_contrastive_forward(features, weight, labels, pos_margin, neg_margin,
@@ -218,22 +217,20 @@ def triton_c_triplet_train(features: Tensor, weight: Tensor, labels: Tensor, mar
                            hardest_only: bool, center: bool, ignore_index: int, class_start: int,
                            num_classes: int, need_grad: bool) -> Tuple5:
     """(loss, hardest, stats (3, B), V (B, D) or (0, D), nw (C,)); see agents.py."""
+    margin = check_finite("margin", margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
     return c_triplet_forward(features, weight, labels, margin, hardest_only, center,
                              ignore_index, class_start, need_grad)
 
 
-def _check_hardest(hardest, features, weight):
-    check_per_sample("hardest", hardest, features)
-    if hardest.dtype != torch.int64:
-        raise ValueError(f"hardest must be int64, got {hardest.dtype}")
-    if hardest.device != features.device:
-        raise ValueError(f"hardest must be on the device of features ({features.device}), "
-                         f"got {hardest.device}")
-    if data_checks_on(hardest) and hardest.numel() > 0:
-        C = weight.shape[0]
-        if bool(((hardest < -1) | (hardest >= C)).any()):
-            raise ValueError(f"hardest must be in [-1, {C}), got values outside")
+def _check_hardest_shape(hardest, features):
+    """hardest (B,) int64 on features' device; its range is the forward's own output (the
+    training path makes no data check, so no host sync)."""
+    check_device("hardest", hardest, features)
+    if hardest.dim() != 1 or hardest.shape[0] != features.shape[0] or (
+            hardest.dtype != torch.int64):
+        raise ValueError(f"hardest must be int64 of shape (B,) = ({features.shape[0]},), got "
+                         f"{hardest.dtype} {tuple(hardest.shape)}")
 
 
 @_define("normface::triton_c_triplet_backward_saved")
@@ -242,6 +239,7 @@ def triton_c_triplet_backward_saved(grad_loss: Tensor, features: Tensor, weight:
                                     nw: Tensor, margin: float, hardest_only: bool, center: bool,
                                     ignore_index: int, class_start: int,
                                     num_classes: int) -> Tuple2:
+    margin = check_finite("margin", margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
                     data=False)
     check_per_sample("grad_loss", grad_loss, features)
@@ -249,7 +247,7 @@ def triton_c_triplet_backward_saved(grad_loss: Tensor, features: Tensor, weight:
     if stats.shape[0] != len(AGENT_STATS):
         raise ValueError(f"stats must have {len(AGENT_STATS)} rows, got {stats.shape[0]}")
     if hardest_only:
-        check_per_sample("hardest", hardest, features)
+        _check_hardest_shape(hardest, features)
     else:
         _need_accumulator("v", v, features)
     return c_triplet_backward(grad_loss, features, weight, labels, hardest, stats, v, nw, margin,
@@ -261,10 +259,11 @@ def triton_c_triplet_backward(grad_loss: Tensor, features: Tensor, weight: Tenso
                               labels: Tensor, hardest: Tensor, margin: float, hardest_only: bool,
                               center: bool, ignore_index: int, class_start: int,
                               num_classes: int) -> Tuple2:
+    margin = check_finite("margin", margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
     check_per_sample("grad_loss", grad_loss, features)
     if hardest_only:
-        _check_hardest(hardest, features, weight)
+        check_hardest(hardest, features, weight)
         stats, nw = hardest_hinge(features, weight, labels, hardest, margin, ignore_index,
                                   class_start)
         v = stats.new_empty((0, features.shape[1]))

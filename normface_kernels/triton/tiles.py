@@ -109,11 +109,12 @@ def logit_factors(nf, nw, s, NORM_F: tl.constexpr, NORM_W: tl.constexpr):
     if NORM_F:
         rs = s / nf
     else:
-        rs = tl.zeros_like(nf) + s
+        rs = tl.where(nf == float("inf"), float("nan"), tl.zeros_like(nf) + s)
     if NORM_W:
         cs = 1.0 / nw
     else:
-        cs = tl.zeros_like(nw) + 1.0
+        # An infinite norm makes cos = inf / inf: NaN as in the reference, not +-inf.
+        cs = tl.where(nw == float("inf"), float("nan"), tl.zeros_like(nw) + 1.0)
     return rs, cs
 
 

@@ -27,20 +27,42 @@ def _origin(scenarios):
             ",".join(names))
 
 
+def _failed(result):
+    return bool(result.error or result.problems)
+
+
 def report(rows, out=sys.stdout):
+    """One line per configuration: resources, then what it is and where it came from."""
     header = (f"{'target':6} {'kernel':30} {'in':5} {'warps':>5} {'stg':>3} {'regs':>4} "
-              f"{'spill st/ld':>11} {'smem KB':>7} {'sec':>5}  status  constexprs | pointer types | from")
+              f"{'spill st/ld':>11} {'smem KB':>7} {'sec':>5}  status  "
+              "constexprs | pointer types | from")
     print(header, file=out)
     print("-" * len(header), file=out)
     for config, result in rows:
-        status = "FAIL" if result.error or result.problems else "ok"
         where, ops = _origin(config.scenarios)
         detail = result.error or "; ".join(result.problems)
         print(f"{result.target:6} {config.kernel[:30]:30} {config.in_dtype:5} "
               f"{config.num_warps:>5} {config.num_stages:>3} {result.regs:>4} "
               f"{result.spill_stores:>5}/{result.spill_loads:<5} {result.shared / 1024:>7.1f} "
-              f"{result.seconds:>5.1f}  {status:6}  {config.constexprs} | ptrs {config.pointers} | {where} [{ops}]"
+              f"{result.seconds:>5.1f}  {'FAIL' if _failed(result) else 'ok':6}  "
+              f"{config.constexprs} | ptrs {config.pointers} | {where} [{ops}]"
               + (f"\n         -> {detail}" if detail else ""), file=out)
+
+
+def report_kernels(rows, out=sys.stdout):
+    """One line per (target, kernel, input dtype): the worst of its configurations."""
+    groups = {}
+    for config, result in rows:
+        groups.setdefault((result.target, config.kernel, config.in_dtype), []).append(result)
+    print(f"{'target':6} {'kernel':30} {'in':5} {'configs':>7} {'max regs':>8} "
+          f"{'max smem KB':>11} {'spilling':>8} {'failed':>6}", file=out)
+    for (target, kernel, dtype), results in groups.items():
+        ok = [r for r in results if not r.error]
+        print(f"{target:6} {kernel[:30]:30} {dtype:5} {len(results):>7} "
+              f"{max((r.regs for r in ok), default=0):>8} "
+              f"{max((r.shared for r in ok), default=0) / 1024:>11.1f} "
+              f"{sum(1 for r in results if r.spill_stores or r.spill_loads):>8} "
+              f"{sum(1 for r in results if _failed(r)):>6}", file=out)
 
 
 def summarize(rows, seconds, failures):
@@ -50,7 +72,7 @@ def summarize(rows, seconds, failures):
         ok = [r for _, r in mine if not r.error]
         kernels = {c.kernel for c, _ in mine}
         spilled = [(c, r) for c, r in mine if r.spill_stores or r.spill_loads]
-        failed = [(c, r) for c, r in mine if r.error or r.problems]
+        failed = [(c, r) for c, r in mine if _failed(r)]
         lines.append(
             f"{target}: {len(kernels)} kernels, {len(mine)} configs, "
             f"max regs {max((r.regs for r in ok), default=0)}, "
@@ -64,7 +86,8 @@ def summarize(rows, seconds, failures):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m normface_kernels.triton.aot_check", description=DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m normface_kernels.triton.aot_check", description=DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", action="append", choices=sorted(TARGETS),
                         help="GPU target(s) to compile for (default: sm90)")
     parser.add_argument("--dims", type=int, nargs="+", default=list(DIMS))
@@ -106,9 +129,11 @@ def main(argv=None):
                   key=lambda cr: (cr[1].target, cr[0].kernel, cr[0].in_dtype, cr[0].constexprs))
     report(rows)
     print()
+    report_kernels(rows)
+    print()
     for line in summarize(rows, time.perf_counter() - start, failures):
         print(line)
-    bad = failures or any(r.error or r.problems for _, r in rows)
+    bad = failures or any(_failed(r) for _, r in rows)
     print("AOT check FAILED" if bad else "AOT check passed")
     return 1 if bad else 0
 
