@@ -743,6 +743,7 @@ def _opcheck_cases():
                                0, -1),
         "center_loss": (f, w, y, -100, 0, -1),
         "center_loss_backward": (g, f.detach(), w.detach(), y, -100, 0, -1),
+        "center_loss_backward_saved": (g, f.detach(), w.detach(), y, -100, 0, -1),
     }
 
 
@@ -752,7 +753,7 @@ def _opcheck_cases():
     "cosine_softmax_train_inference", "cosine_softmax_backward_saved", "c_contrastive",
     "c_contrastive_backward", "c_contrastive_train", "c_contrastive_backward_saved",
     "c_triplet_forward", "c_triplet_backward", "c_triplet_train", "c_triplet_backward_saved",
-    "center_loss", "center_loss_backward"])
+    "center_loss", "center_loss_backward", "center_loss_backward_saved"])
 def test_opcheck(name):
     args = _opcheck_cases()[name]
     args = tuple(a.to(DEVICE) if torch.is_tensor(a) else a for a in args)

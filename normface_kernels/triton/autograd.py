@@ -30,7 +30,9 @@ def _composite(schema, fn):
 
 
 def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    """Grad mode on and an input requiring grad (a non-tensor is left to the op's checks)."""
+    return torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad
+                                           for t in tensors)
 
 
 def _grad_or_zeros(grad, like):
@@ -128,8 +130,8 @@ def _setup_center(ctx, inputs, output):
 
 def _backward_center(ctx, grad_loss):
     features, weight, labels = ctx.saved_tensors
-    grad_f, grad_w = ops.triton_center_loss_backward(grad_loss.contiguous(), features, weight,
-                                                     labels, *ctx.params)
+    grad_f, grad_w = ops.triton_center_loss_backward_saved(grad_loss.contiguous(), features,
+                                                           weight, labels, *ctx.params)
     needs = ctx.needs_input_grad
     return ((grad_f if needs[0] else None, grad_w if needs[1] else None, None)
             + (None,) * len(ctx.params))

@@ -286,6 +286,17 @@ def triton_center_loss(features: Tensor, weight: Tensor, labels: Tensor,
 def triton_center_loss_backward(grad_loss: Tensor, features: Tensor, weight: Tensor,
                                 labels: Tensor, ignore_index: int, class_start: int,
                                 num_classes: int) -> Tuple2:
+    check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
+    check_per_sample("grad_loss", grad_loss, features)
+    return center_loss_backward(grad_loss, features, weight, labels, ignore_index, class_start)
+
+
+@_define("normface::triton_center_loss_backward_saved")
+def triton_center_loss_backward_saved(grad_loss: Tensor, features: Tensor, weight: Tensor,
+                                      labels: Tensor, ignore_index: int, class_start: int,
+                                      num_classes: int) -> Tuple2:
+    """The training path's backward of center_loss (autograd.py): nothing is saved (it reads the
+    B target rows again), and no data check (no host sync: the forward checked the labels)."""
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
                     data=False)
     check_per_sample("grad_loss", grad_loss, features)
