@@ -69,11 +69,7 @@ void parallel_class_blocks(const ClassSplit& sp, int64_t num_classes, Fn&& fn) {
   });
 }
 
-// torch.relu with NaN propagation (kernels.md: `x > 0 ? x : (x != x ? x : 0)`); slope 0 at 0.
-template <typename T>
-inline T relu_nan(T x) {
-  return x > T(0) ? x : (x != x ? x : T(0));
-}
+// relu_nan (torch.relu with NaN propagation) is in common.h, shared with the chunked path.
 
 // max that lets NaN win (std::max drops a NaN in its second argument; SPEC: NaN -> NaN loss).
 template <typename T>
