@@ -89,7 +89,7 @@ def _extensions():
                else "no CUDA toolkit" if not cuda_home else "no CUDA sources")
 
     # -ffp-contract=off: no a * b + c fused into an FMA behind our back. The backward recomputes
-    # each logit and must get it bit-identical to the forward (SPEC "Bad input"); GCC contracts
+    # each logit and must get it bit-identical to the forward (contract "Bad input"); GCC contracts
     # by default in the FMA-capable target_clones, differently in the two passes.
     cxx_flags = ["-O3", "-ffp-contract=off", "-DNORMFACE_PYTHON_MODULE"]
     if sys.platform != "win32":

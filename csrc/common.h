@@ -1,5 +1,5 @@
 // Pieces shared by every backend of normface_kernels: argument checks that name the argument
-// (SPEC "Bad input") and the margin function psi of SPEC "Cosine softmax with margins".
+// (contract "Bad input") and the margin function psi of the contract "Cosine softmax with margins".
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,13 +16,13 @@
 
 namespace normface {
 
-// eps inside the root of every norm: ||x|| = sqrt(sum x^2 + eps) (SPEC, paper eq. 3).
+// eps inside the root of every norm: ||x|| = sqrt(sum x^2 + eps) (the contract, paper eq. 3).
 constexpr double kNormEps = 1e-12;
 // cos(theta) is clamped to [-1 + kCosClamp, 1 - kCosClamp] before arccos.
 constexpr double kCosClamp = 1e-7;
 constexpr double kPi = 3.14159265358979323846;
 
-// Target logit of SPEC: t = (lam * cos + psi(theta)) / (1 + lam), with
+// Target logit of the contract: t = (lam * cos + psi(theta)) / (1 + lam), with
 //   theta = arccos(clamp(cos)), k = floor((m1 theta + m2) / pi),
 //   psi = (-1)^k cos(m1 theta + m2) - 2k - m3.
 // Writes t and dt/dcos (k held constant, as it is piecewise; zero slope where the clamp bites,
@@ -79,7 +79,7 @@ inline int64_t resolve_num_classes(int64_t num_classes, const at::Tensor& weight
 }
 
 // ------------------------------------------------------------------------------------------------
-// Argument checks (SPEC "Bad input"). Every op calls the bundle of its family below before it
+// Argument checks (contract "Bad input"). Every op calls the bundle of its family below before it
 // touches memory; each message names the argument. Checks of numbers and metadata are always on
 // and cost nothing; the checks that read tensor data (label range, scale value, hardest range) run
 // on CPU tensors always and on CUDA tensors while data_checks_on (one host sync each).
@@ -102,7 +102,7 @@ inline void check_finite(const char* name, double value) {
   TORCH_CHECK(std::isfinite(value), name, " must be finite, got ", value);
 }
 
-// SPEC margins: m1 >= 1 (psi is monotone on [0, pi] only then), m2 and m3 finite, lam >= 0.
+// Margins (contract): m1 >= 1 (psi is monotone on [0, pi] only then), m2, m3 finite, lam >= 0.
 inline void check_margins(double m1, double m2, double m3, double lam) {
   TORCH_CHECK(std::isfinite(m1) && m1 >= 1.0, "m1 must be finite and >= 1, got ", m1);
   check_finite("m2", m2);
@@ -358,7 +358,7 @@ NF_HOST_DEVICE bool argmin_before(T da, int64_t ja, T db, int64_t jb) {
 }
 
 // Online logsumexp (docs/kernels.md): (m, l) is a running max and sum of exp(z - m). A NaN
-// anywhere makes the pair NaN (SPEC: NaN in, NaN out); -inf entries add nothing.
+// anywhere makes the pair NaN (contract: NaN in, NaN out); -inf entries add nothing.
 template <typename T, typename Exp>
 NF_HOST_DEVICE void lse_add(T& m, T& l, T z, Exp exp_fn) {
   if (z > m) {

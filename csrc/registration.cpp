@@ -1,4 +1,4 @@
-// Every op schema of normface_kernels, in one place (SPEC.md is the contract for their math).
+// Every op schema of normface_kernels, in one place (docs/contract.md: their math).
 //
 // Backends are plain functions registered elsewhere with TORCH_LIBRARY_IMPL:
 //   csrc/cpu/      CPU kernels (always built)
@@ -98,7 +98,7 @@ TORCH_LIBRARY(normface, m) {
 
   m.def("cosine_logits(Tensor features, Tensor weight, Tensor scale, float eps=1e-12) -> Tensor");
 
-  // Scaled cosine softmax with the whole margin family (SPEC "one formula for the whole family").
+  // Scaled cosine softmax with the whole margin family (contract "Cosine softmax with margins").
   m.def(
       "cosine_softmax(Tensor features, Tensor weight, Tensor labels, Tensor scale, "
       "float m1=1.0, float m2=0.0, float m3=0.0, float lam=0.0, bool normalize_features=True, "

@@ -1,4 +1,4 @@
-"""Argument checks shared by the public API, the Triton ops and the distributed loss (SPEC "Bad
+"""Argument checks shared by the public API, the Triton ops and the distributed loss (contract "Bad
 input"): each raises ValueError naming the argument, before any kernel runs.
 
 This module sits below functional.py and triton/registration.py (both import it; it imports
@@ -139,7 +139,7 @@ def check_finite(name, value):
 
 
 def check_margins(m1, m2, m3, lam):
-    """SPEC margins: m1 >= 1 (psi is monotone on [0, pi] only then), m2, m3 finite, lam >= 0
+    """Margins (contract): m1 >= 1 (psi is monotone on [0, pi] only then), m2, m3 finite, lam >= 0
     finite. Returns them as floats."""
     m1, m2, m3, lam = (check_finite(n, v) for n, v in (("m1", m1), ("m2", m2), ("m3", m3),
                                                        ("lam", lam)))

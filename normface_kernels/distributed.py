@@ -62,7 +62,7 @@ from .modules import (AUX_LOSSES, LOSSES, distortion_per_class, init_agents, res
                       update_agent_distortion)
 from .scale import scale_in_loss
 
-EPS = 1e-12  # the eps of every norm (SPEC: sqrt(sum x^2 + eps))
+EPS = 1e-12  # the eps of every norm (contract: sqrt(sum x^2 + eps))
 # Non-hardest C-triplet: agents per block are chosen so that a block has ~this many (B x block)
 # distances; only one block lives at a time, forward and backward.
 TRIPLET_BLOCK_ELEMS = 1 << 20
@@ -517,7 +517,7 @@ class ShardedNormFaceLoss(nn.Module):
             owner = torch.where(valid, owner, torch.zeros_like(owner))
             owner = owner.clamp(0, self.world_size - 1)[None]
             # Ignored rows are masked before the merge, so that their partials (NaN for NaN
-            # features) send exactly 0, not 0 * NaN, back to the ops' lse (SPEC "Bad input").
+            # features) send exactly 0, not 0 * NaN, back to the ops' lse (contract "Bad input").
             zero = torch.zeros((), dtype=merged.dtype, device=merged.device)
             lse_all = torch.where(valid[None], merged[:, 0], zero)
             loss_all = torch.where(valid[None], merged[:, 1], zero)

@@ -1,4 +1,4 @@
-"""Public functional API (SPEC.md "Public" lines): argument checks, backend choice, reduction.
+"""Public functional API (docs/contract.md, "Public"): argument checks, backend choice, reduction.
 
 Shapes everywhere: features (B, D), weight (C, D), labels (B,) int64, scale float or 0-dim tensor.
 `backend` is "auto" | "reference" | "cpu" | "triton" | "cuda"; every backend computes the same
@@ -102,7 +102,7 @@ def _op(name, backend):
 
 
 def _prepare(features, weight, labels, ignore_index, reduction, backend):
-    """The checks every loss makes (SPEC "Bad input"): returns int64 labels, ignore_index as an
+    """The checks every loss makes (contract "Bad input"): returns int64 labels, ignore_index as an
     int and the concrete backend."""
     labels = checks.check_inputs(features, weight, labels)
     ignore_index = checks.check_int("ignore_index", ignore_index)
@@ -148,7 +148,7 @@ def cosine_logits(features, weight, scale=1.0, *, backend="auto"):
 def cosine_softmax(features, weight, labels, scale=30.0, *, m1=1.0, m2=0.0, m3=0.0, lam=0.0,
                    normalize_features=True, normalize_weight=True, ignore_index=-100,
                    reduction="mean", backend="auto"):
-    """Scaled cosine softmax with the margin family of SPEC.md, without a (B, C) logits matrix.
+    """Scaled cosine softmax with the margin family of the contract, without a (B, C) logits matrix.
 
     features: (B, D) float32/float16/bfloat16 (float64 on CPU); weight: (C, D) same dtype;
     labels: (B,) int64 in [0, C) or ignore_index; scale: float, or 0-dim tensor (learnable).

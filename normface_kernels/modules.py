@@ -74,7 +74,7 @@ class NormFaceLoss(nn.Module):
             ``scale_init=10.0, scale_floor=0.01`` is the paper's layer exactly (section 3.3),
             which trains NormFace without a margin but shrinks to the floor and stalls at ln C
             with any margin.
-        margins: (m1, m2, m3) -- SphereFace, ArcFace, CosFace margins of SPEC.md.
+        margins: (m1, m2, m3) -- SphereFace, ArcFace, CosFace margins of the contract.
         aux: None, "c_contrastive" or "center": a second term weighted by ``aux_weight``
             (the paper's best row is softmax + 0.01 * C-contrastive).
         distortion_momentum: momentum of the per-class moving average of

@@ -17,7 +17,7 @@ _LOSS_FAMILY = ("l2_normalize", "cosine_softmax_forward", "c_contrastive", "c_tr
 
 
 def _loss_dtype(features):
-    """Losses and lse are float32, or float64 for float64 inputs (SPEC: accumulation dtype)."""
+    """Losses and lse are float32, or float64 for float64 inputs (contract: accumulation dtype)."""
     return torch.float64 if features.dtype == torch.float64 else torch.float32
 
 

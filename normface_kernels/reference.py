@@ -1,4 +1,4 @@
-"""The executable form of SPEC.md: plain PyTorch, clear rather than fast.
+"""The executable form of docs/contract.md: plain PyTorch, clear rather than fast.
 
 Every other backend (cpu, triton, cuda) is tested against these functions. They build the full
 (B, C) cosine matrix and let autograd produce every gradient, so they are the ground truth for
@@ -17,7 +17,7 @@ import math
 
 import torch
 
-# Clamp of cos(theta) before arccos (SPEC: theta = arccos(clamp(cos, -1 + 1e-7, 1 - 1e-7))).
+# Clamp of cos(theta) before arccos (contract: theta = arccos(clamp(cos, -1 + 1e-7, 1 - 1e-7))).
 COS_CLAMP = 1e-7
 
 
@@ -45,7 +45,7 @@ def cosine_logits(features, weight, scale=1.0, eps=1e-12):
 
 
 def psi(cos_target, m1=1.0, m2=0.0, m3=0.0):
-    """The margin function of SPEC.md, monotone and continuous on theta in [0, pi].
+    """The margin function of the contract, monotone and continuous on theta in [0, pi].
 
     psi(theta) = (-1)^k cos(m1 theta + m2) - 2k - m3,  k = floor((m1 theta + m2) / pi).
     Without an angular margin (m1 = 1, m2 = 0) cos(arccos(c)) is c itself, so psi is computed as
@@ -66,7 +66,7 @@ def _valid(labels, ignore_index):
 
 
 def _keep_valid_rows(features, labels, ignore_index):
-    """Features with the rows of ignored samples replaced by zeros, and the valid mask. SPEC: an
+    """Features with the rows of ignored samples replaced by zeros, and the valid mask. contract: an
     ignored sample contributes nothing, even when its features are NaN or inf; zeroing the row
     before any arithmetic keeps 0 * NaN out of every gradient (its own gradient is exactly 0)."""
     valid = _valid(labels, ignore_index)
@@ -76,7 +76,7 @@ def _keep_valid_rows(features, labels, ignore_index):
 
 def cosine_softmax(features, weight, labels, scale=30.0, *, m1=1.0, m2=0.0, m3=0.0, lam=0.0,
                    normalize_features=True, normalize_weight=True, ignore_index=-100, eps=1e-12):
-    """Per-sample loss_i = logsumexp_j z_ij - z_iy (SPEC "Cosine softmax with margins"), (B,)."""
+    """Per-sample loss_i = logsumexp_j z_ij - z_iy (contract: "Cosine softmax ..."), (B,)."""
     acc = _acc_dtype(features)
     features, valid = _keep_valid_rows(features, labels, ignore_index)
     f = features.to(acc)

@@ -10,7 +10,7 @@ s) and the loss stays at ln C. Two things keep it alive here:
    agents and the agents on a regular simplex (cos = -1/(C-1) between classes) -- the optimum
    of Proposition 2 -- the loss with margins is
 
-       L(s) = log(1 + (C - 1) exp(-s (t0 + 1/(C - 1))))      t0 = t(theta = 0) of SPEC's psi,
+       L(s) = log(1 + (C - 1) exp(-s (t0 + 1/(C - 1))))      t0 = t(theta = 0), the contract's psi,
 
    which is Proposition 2's bound for t0 = 1 (no margin) and that bound shifted by the margin
    for CosFace (t0 = 1 - m3). The automatic floor is the s with L(s) = FLOOR_TARGET_LOSS: below
@@ -35,7 +35,7 @@ FLOOR_TARGET_LOSS = 0.1
 
 
 def target_at_zero(m1=1.0, m2=0.0, m3=0.0, lam=0.0):
-    """t(theta = 0) of SPEC's margin family: the target cosine of a feature on its agent."""
+    """t(theta = 0) of the contract's margin family: the target cosine of a feature on its agent."""
     del m1  # m1 * 0 = 0: SphereFace's multiplicative margin costs nothing at theta = 0
     k = math.floor(m2 / math.pi)
     psi = (-1.0) ** k * math.cos(m2) - 2.0 * k - m3

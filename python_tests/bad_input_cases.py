@@ -1,5 +1,5 @@
-"""The bad-input table of SPEC "Bad input": every op of torch.ops.normface (the C++ ops and the
-triton_* ops), every public function on every backend, and NormFaceLoss, each fed one bad
+"""The bad-input table of the contract ("Bad input"): every op of torch.ops.normface (the C++ ops,
+the triton_* ops), every public function on every backend, and NormFaceLoss, each fed one bad
 argument. Every case must raise ValueError or RuntimeError whose message names the argument.
 
 test_bad_input.py runs the table in a worker process (`python bad_input_cases.py` reads case

@@ -1,4 +1,4 @@
-"""Shared helpers for the test suite: inputs, the SPEC settings, and the tolerance rule."""
+"""Shared helpers for the test suite: inputs, the contract settings, and the tolerance rule."""
 
 import os
 
@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 import normface_kernels
 
-# The rows of SPEC.md's table, as keyword arguments of cosine_softmax.
+# The rows of the contract's table, as keyword arguments of cosine_softmax.
 SPEC_SETTINGS = {
     "normface": dict(scale=10.0),
     "cosface": dict(scale=30.0, m3=0.35),

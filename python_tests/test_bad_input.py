@@ -1,4 +1,4 @@
-"""SPEC "Bad input": every case of bad_input_cases.py (each op of torch.ops.normface, C++ and
+"""contract "Bad input": every case of bad_input_cases.py (each op of torch.ops.normface, C++ and
 triton_*, each public function on each backend, NormFaceLoss) raises ValueError or RuntimeError
 whose message names the argument -- never a crash, a hang or silent garbage.
 
@@ -127,7 +127,7 @@ def test_every_op_is_in_the_table():
 
 
 def test_all_meta_inputs_give_meta_results_of_the_right_shape():
-    """Meta tensors (no data): every public function returns the shapes SPEC says."""
+    """Meta tensors (no data): every public function returns the shapes the contract says."""
     f, w, y = (t.to("meta") for t in (torch.randn(4, 5), torch.randn(6, 5), torch.arange(4)))
     for fn in (nk.cosine_softmax, nk.c_contrastive, nk.c_triplet, nk.center_loss):
         for backend in ("auto", "reference"):
@@ -138,7 +138,7 @@ def test_all_meta_inputs_give_meta_results_of_the_right_shape():
 
 
 def test_module_uses_a_small_fixed_scale_as_given():
-    """SPEC "Module": a fixed scale must be finite and > 0 -- and 0.001 is, so it is used."""
+    """contract "Module": a fixed scale must be finite and > 0 -- and 0.001 is, so it is used."""
     torch.manual_seed(0)
     module = nk.NormFaceLoss(5, 6, scale=0.001)
     f, y = torch.randn(4, 5), torch.arange(4)

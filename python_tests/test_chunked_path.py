@@ -2,7 +2,7 @@
 its CPU epilogues (set_cpu_path("chunked")), against the reference.
 
 Every CPU test of the loss ops (test_cosine_softmax, test_agent_losses, test_ops_registration:
-every SPEC setting, every agent loss and reduction, shards, gradcheck, float32/16-bit tolerance,
+every contract setting, every agent loss and reduction, shards, gradcheck, float32/16-bit tolerance,
 NaN, non-contiguous inputs, opcheck, torch.compile) runs again here on the chunked path with a
 small chunk budget, so that every call walks several chunks. The tests written below add what is
 particular to the chunked path: chunk boundaries, grad_lse, ignored rows holding NaN, a feature of
@@ -175,7 +175,7 @@ def test_agent_shards():
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input the chunked path must meet itself (SPEC "Bad input")
+# Bad input the chunked path must meet itself (contract "Bad input")
 # ---------------------------------------------------------------------------------------------
 
 LOSSES = {

@@ -1,4 +1,4 @@
-"""cosine_softmax (every SPEC row) on the CPU kernels against the reference: loss and gradients."""
+"""cosine_softmax (every row of the contract) on the CPU kernels against the reference."""
 
 import math
 
@@ -155,7 +155,7 @@ def test_proposition_2_bound_is_reached_by_the_simplex():
     labels = torch.arange(n)
     for s in (1.0, 4.0, 10.0):
         loss = nk.cosine_softmax(simplex, simplex, labels, s, backend="cpu")
-        # rel 1e-6: the target cosine 1 is clamped to 1 - 1e-7 before psi (SPEC).
+        # rel 1e-6: the target cosine 1 is clamped to 1 - 1e-7 before psi (contract).
         assert loss.item() == pytest.approx(nk.softmax_loss_bound(n, s), rel=1e-6)
     assert nk.softmax_loss_bound(10575, 1) == pytest.approx(8.27, abs=0.005)
     s = nk.scale_for_loss(10575, 0.1)

@@ -177,7 +177,7 @@ NORMALIZE = {
 def softmax_loss_lse(f, w, y, s, acc, *, m1=1.0, m2=0.0, m3=0.0, lam=0.0,
                      normalize_features=True, normalize_weight=True, ignore_index=-100,
                      class_start=0, eps=1e-12):
-    """(loss, lse) of SPEC in dtype `acc`, written as reference.cosine_softmax is (plus lse and
+    """(loss, lse) of the contract in dtype `acc`, written as reference.cosine_softmax is (plus lse,
     class shards). acc=float64: the exact answer; acc=input dtype: the plain low-precision one."""
     f, w = f.to(acc), w.to(acc)
     s = s.to(acc) if torch.is_tensor(s) else s
@@ -626,7 +626,7 @@ LOSSES = {
 
 @pytest.mark.parametrize("case", list(LOSSES))
 def test_ignored_rows_holding_nan_contribute_nothing(case):
-    """SPEC: a sample with label ignore_index contributes nothing, even when its features are NaN
+    """Contract: a sample with label ignore_index contributes nothing, even with features NaN
     or inf: loss, grad_weight and grad_scale are those of the batch without it, its own gradient
     is exactly 0."""
     f, w, y = make_inputs(20, 150, 32, torch.float32, near=1.5)

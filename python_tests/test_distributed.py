@@ -1,6 +1,6 @@
 """ShardedNormFaceLoss on 2 and 3 gloo processes against the single-process NormFaceLoss.
 
-Every SPEC setting, float64, C = 11 (divisible by neither 2 nor 3), ignored samples, unequal
+Every contract setting, float64, C = 11 (divisible by neither 2 nor 3), ignored samples, unequal
 local batches (one rank with none): the global loss and the gradients of each rank's local
 features, weight shard and learned scale must equal the single-process ones on the full W.
 One spawn per world size runs every setting, to keep the suite fast.

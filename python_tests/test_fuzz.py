@@ -4,7 +4,7 @@
   rows (on the agent, opposite, zero), non-contiguous layouts -- on the cpu backend and on the
   Triton ops (interpreter on CPU; tiny shapes), losses and every gradient against the reference;
 - exactness at huge norms: float64 (and float32) gradients where the softmax is exactly one-hot,
-  so that any correct implementation is exact (SPEC: the backward recomputes each logit
+  so that any correct implementation is exact (contract: the backward recomputes each logit
   bit-identically to the forward);
 - NaN and inf: in an ignored row they reach nothing (loss 0, no NaN in any gradient, the row's
   own grad_features 0); in a valid row or an agent they give NaN where the reference does.
@@ -191,7 +191,7 @@ def _norms(x):
 
 
 def softmax_logits(case, dtype=torch.float64):
-    """z (B, C) of SPEC, float64, from the reference's pieces (for tolerances and gaps)."""
+    """z (B, C) of the contract, float64, from the reference's pieces (for tolerances and gaps)."""
     k = case.kwargs
     f, w = case.f.to(dtype).double(), case.w.to(dtype).double()
     cos = reference.cosine_logits(f, w, 1.0)
@@ -542,7 +542,7 @@ def check_poisoned(case, backend, device="cpu"):
                                      pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("loss", ["softmax", "c_contrastive", "c_triplet", "center_loss"])
 def test_nan_in_an_ignored_row_reaches_nothing(loss, backend):
-    """SPEC: an ignored sample contributes nothing, even when its features are NaN or inf."""
+    """contract: an ignored sample contributes nothing, even when its features are NaN or inf."""
     device = {"cpu": "cpu", "triton": TRITON_DEVICE, "cuda": "cuda"}[backend]
 
     @fuzz(3 if backend == "triton" else 30)

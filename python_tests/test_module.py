@@ -51,7 +51,7 @@ def test_floor_of_an_unnormalized_side_is_the_papers():
 
 
 def test_margins_that_no_scale_can_train_are_refused():
-    # t0 = 1 - 1.5 < -1/99; ArcFace past pi takes SPEC's k = 1 branch: -cos(3.5) - 2 < 0.
+    # t0 = 1 - 1.5 < -1/99; ArcFace past pi takes the contract's k = 1 branch: -cos(3.5) - 2 < 0.
     for margins in ((1.0, 0.0, 1.5), (1.0, 3.5, 0.0)):
         with pytest.raises(ValueError, match="no learned scale"):
             nk.NormFaceLoss(4, 100, margins=margins, backend="cpu")

@@ -26,7 +26,7 @@ def sphereface_lam(step, base=1000.0, gamma=0.12, minimum=5.0):
 
 
 # name -> (module keywords, SGD learning rate, anneal lam). The README's configurations first,
-# then the rows of SPEC's table that NormFaceLoss can express. The hinge losses have no scale
+# then the rows of the contract's table that NormFaceLoss can express. The hinge losses: no scale
 # in front of their gradient, so they get a larger step. Integer m1 on unnormalized features
 # (A-Softmax, L-Softmax) trains only with SphereFace's lam annealing, as in its paper.
 CONFIGS = {

@@ -89,7 +89,7 @@ def _assert_close(actual, expected, what, rtol, atol):
 
 def _reference_logits(f, w, y, s, cols, m1, m2, m3, lam, normalize_features, normalize_weight,
                       ignore_index=-100):
-    """z[:, cols] of SPEC (target column replaced by z_iy), accumulation dtype, differentiable."""
+    """z[:, cols] of the contract (target column replaced by z_iy), accumulation dtype, with grad"""
     acc = torch.float64 if f.dtype == torch.float64 else torch.float32
     fa, wa = f.to(acc), w.to(acc)
     nf = reference._norm(fa, 1e-12)
@@ -425,7 +425,7 @@ def test_logits_recomputed_bit_identically():
 @pytest.mark.parametrize("loss_name", ["softmax", "c_contrastive", "c_triplet_all",
                                        "c_triplet_hardest", "center_loss"])
 def test_ignored_rows_with_nan_and_inf_contribute_nothing(loss_name):
-    """SPEC: a sample whose label is ignore_index contributes exactly nothing, even when its
+    """contract: a sample whose label is ignore_index contributes exactly nothing, even when its
     features are NaN or inf: loss 0, its own gradient 0, and no NaN in grad_weight, grad_scale
     or the other rows (all equal to the reference without those rows)."""
     f, w, y = _inputs(20, 37, 20, seed=9, ignore=(1, 17))
@@ -886,7 +886,7 @@ def test_gpu_float16_gradients_below_subnormals():
 @gpu
 @pytest.mark.gpu
 def test_gpu_training_step_makes_no_host_sync():
-    """SPEC: with the data checks off, forward + backward of every loss makes no host-device
+    """contract: with the data checks off, forward + backward of every loss makes no host-device
     synchronization (torch's sync debug mode raises on one)."""
     f, w, y = _inputs(256, 5000, 128, dtype=torch.bfloat16, ignore=(3,), device="cuda")
     fx, wx = f.clone().requires_grad_(), w.clone().requires_grad_()

@@ -1,4 +1,4 @@
-"""SPEC: with the data checks off, a CUDA training step (forward + backward + optimizer step)
+"""contract: with the data checks off, a CUDA training step (forward + backward + optimizer step)
 makes no host-device synchronization, so it can be captured in a CUDA graph. For each GPU
 backend and a few loss settings:
   1. a step under torch.cuda.set_sync_debug_mode("error") (any synchronization raises);

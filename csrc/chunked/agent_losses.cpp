@@ -1,4 +1,4 @@
-// The agent losses on the chunked path (paper section 4, eq. 10 and 11; SPEC "Agent losses"):
+// The agent losses on the chunked path (paper section 4, eq. 10 and 11; contract "Agent losses"):
 // both sides normalized, d_ij = 2 - 2 cos_ij, and every backward written with Gc_ij = dL/dcos_ij.
 //
 //   dense (a chunk loop with library GEMMs, as the softmax):
@@ -24,7 +24,7 @@ namespace normface {
 namespace chunked {
 namespace {
 
-// float64 is served on the CPU only (SPEC: it is there for gradcheck).
+// float64 is served on the CPU only (contract: it is there for gradcheck).
 void check_float64_on_cpu(const at::Tensor& features) {
   TORCH_CHECK(features.is_cpu() || features.scalar_type() != at::kDouble,
               "features: float64 is supported on CPU only, got float64 on ", features.device());

@@ -18,7 +18,7 @@ namespace normface {
 namespace chunked {
 namespace {
 
-// float64 is served on the CPU only (SPEC: it is there for gradcheck).
+// float64 is served on the CPU only (contract: it is there for gradcheck).
 void check_float64_on_cpu(const at::Tensor& features) {
   TORCH_CHECK(features.is_cpu() || features.scalar_type() != at::kDouble,
               "features: float64 is supported on CPU only, got float64 on ", features.device());

@@ -20,7 +20,7 @@
 namespace normface {
 namespace chunked {
 
-// Margins of the cosine softmax (SPEC "Cosine softmax with margins").
+// Margins of the cosine softmax (contract "Cosine softmax with margins").
 struct Margins {
   double m1, m2, m3, lam;
   bool normalize_features, normalize_weight;

@@ -32,7 +32,7 @@ struct AgentSetup {
         split(features.size(0), weight.size(0)) {
     labels = local_labels(labels_in, ignore_index, class_start, C);
     unit_f = unit_rows<scalar_t>(f, norm_f);
-    // An ignored row contributes nothing (SPEC), even when its features are NaN or inf: its f~
+    // An ignored row contributes nothing (contract), even when its features are NaN or inf: its f~
     // is zero, so that 0 * NaN in the dense products cannot spread it over grad_W.
     acc_t* up = unit_f.template data_ptr<acc_t>();
     for (int64_t i = 0; i < B; ++i) {

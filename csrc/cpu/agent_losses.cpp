@@ -1,4 +1,4 @@
-// Agent losses on CPU (paper section 4, eq. 10 and 11; SPEC "Agent losses"), d_ij = 2 - 2 cos_ij:
+// Agent losses on CPU (paper section 4, eq. 10, 11; contract "Agent losses"), d_ij = 2 - 2 cos_ij:
 //   c_contrastive  relu(d_iy - pos_margin) + sum_{j != y} relu(neg_margin - d_ij)
 //   c_triplet      hardest: relu(margin + d_iy - min_{k != y} d_ik); all: sum over k != y;
 //                  center adds d_iy

@@ -1,4 +1,4 @@
-// Scaled cosine softmax with the whole margin family (SPEC "one formula for the whole family"),
+// Scaled cosine softmax with the whole margin family (contract "one formula for the whole family"),
 // walked over class blocks: forward = online logsumexp, backward = recomputation of the tile from
 // the saved lse (docs/kernels.md). Extra memory O(B*D + C + B*block), never a (B, C) matrix.
 //
@@ -75,7 +75,7 @@ struct Setup {
   }
 };
 
-// z_ij of one tile element (SPEC): z_iy at the target column, else
+// z_ij of one tile element (contract): z_iy at the target column, else
 // s a_i (b_j / ||W_j||) <f~_i, W_j>.
 // The forward and the backward both compute z here, and the sources are built without
 // floating-point contraction (-ffp-contract=off in setup.py / CMakeLists.txt): the backward must
@@ -100,7 +100,7 @@ NF_SIMD_CLONES void forward_row(acc_t* row, int64_t n, int64_t y, acc_t sa, acc_
     m = z > m ? z : m;
   }
   // This vectorized max may drop a NaN; the NaN still reaches the sum (exp(NaN) = NaN), so the
-  // row's lse is NaN as SPEC asks. The running max itself lets NaN win.
+  // row's lse is NaN as the contract asks. The running max itself lets NaN win.
   const acc_t m_new = max_nan(*run_max, m);
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -216,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const acc_t* ge = g_lse.data_ptr<acc_t>();
   std::vector<acc_t> g(B);  // g_i = 0 for ignored rows (kernels.md)
   for (int64_t i = 0; i < B; ++i) g[i] = st.labels.ignored[i] ? acc_t(0) : gl[i];
-  // An ignored row without an lse gradient takes no part at all (SPEC: it contributes nothing,
+  // An ignored row without an lse gradient takes no part at all (contract: it contributes nothing,
   // even when its features are NaN or inf). Its tile row is zeroed and so is its f~ row, since
   // 0 * NaN = NaN in the products would otherwise spread it over every row of grad_W.
   std::vector<uint8_t> dropped(B, 0);

@@ -27,7 +27,7 @@
 namespace normface {
 namespace cpu {
 
-// SPEC "Shapes and conventions": accumulate in float32, or float64 for float64 inputs; losses and
+// contract "Shapes and conventions": accumulate in float32, or float64 for float64 inputs; losses,
 // lse come back in this dtype.
 inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -71,7 +71,7 @@ void parallel_class_blocks(const ClassSplit& sp, int64_t num_classes, Fn&& fn) {
 
 // relu_nan (torch.relu with NaN propagation) is in common.h, shared with the chunked path.
 
-// max that lets NaN win (std::max drops a NaN in its second argument; SPEC: NaN -> NaN loss).
+// max that lets NaN win (std::max drops a NaN in its second argument; contract: NaN -> NaN loss).
 template <typename T>
 inline T max_nan(T a, T b) {
   return (b > a || b != b) ? b : a;
@@ -129,7 +129,7 @@ inline LocalLabels local_labels(const at::Tensor& labels, int64_t ignore_index,
   return out;
 }
 
-// ||x_r|| = sqrt(sum x^2 + eps) per row (SPEC, paper eq. 3), accumulated in acc_t.
+// ||x_r|| = sqrt(sum x^2 + eps) per row (the contract, paper eq. 3), accumulated in acc_t.
 template <typename scalar_t, typename acc_t>
 void row_norms(const scalar_t* x, int64_t rows, int64_t dim, acc_t* norm) {
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {

@@ -8,7 +8,7 @@ Two kinds of loss op (autograd and the composites are in autograd.py):
 - the schemas of the C++ ops (csrc/registration.cpp): `triton_cosine_softmax_forward`,
   `triton_c_contrastive`, `triton_c_triplet_forward` are composites over the training ops;
   `triton_*_backward` take only the inputs, so they run the forward's statistics again.
-Each op checks its arguments first (normface_kernels/checks.py; SPEC "Bad input"); the backward
+Each op checks its arguments first (normface_kernels/checks.py; contract "Bad input"); the backward
 ops skip the data checks (no host sync: their forward checked the same labels).
 """
 
@@ -105,7 +105,7 @@ def triton_cosine_logits_backward(grad: Tensor, features: Tensor, weight: Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# cosine_softmax (SPEC "one formula for the whole family")
+# cosine_softmax (contract "one formula for the whole family")
 # ---------------------------------------------------------------------------------------------
 
 @_define("normface::triton_cosine_softmax_train")

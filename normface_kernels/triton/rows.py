@@ -3,7 +3,7 @@ call" and "Target logit"): B + C floats, saved for the backward, which never re-
 
     nf_i = ||f_i||, nw_j = ||W_j||             (normalize.row_norms)
     y_i  = local target (int32): y - class_start in [0, C), -1 in another shard, -2 ignored
-    cos_iy, t_i = t(cos_iy), t'_i = dt/dcos    (a B-length dot, then SPEC's margin function)
+    cos_iy, t_i = t(cos_iy), t'_i = dt/dcos    (a B-length dot, then the contract's margin function)
 """
 
 import math
@@ -17,7 +17,7 @@ from . import config
 from .normalize import row_norms
 from .tiles import launch, row_ids, wrap_triton
 
-COS_CLAMP = 1e-7  # SPEC: theta = arccos(clamp(cos, -1 + 1e-7, 1 - 1e-7))
+COS_CLAMP = 1e-7  # contract: theta = arccos(clamp(cos, -1 + 1e-7, 1 - 1e-7))
 ELSEWHERE, IGNORED = -1, -2
 
 
@@ -31,7 +31,7 @@ def local_targets(labels, ignore_index, class_start, num_local):
 
 
 def margin_target(cos_y, m1, m2, m3, lam):
-    """t_i and dt_i/dcos_iy of SPEC's margin function (csrc/common.h margin_target), over B
+    """t_i and dt_i/dcos_iy of the contract's margin function (csrc/common.h margin_target), over B
     values: psi(theta) = (-1)^k cos(m1 theta + m2) - 2k - m3, t = (lam cos + psi) / (1 + lam)."""
     lo, hi = -1.0 + COS_CLAMP, 1.0 - COS_CLAMP
     c = cos_y.clamp(lo, hi)

@@ -63,7 +63,7 @@ def _tf32_split(x):
 def cos_dot(a, b, ACC: tl.constexpr, PRECISION: tl.constexpr):
     """a (M, D) and b (N, D) -> (M, N) of <a_m, b_n>, whole D at once, so that cos_dot(b, a) is
     exactly the transpose of cos_dot(a, b): the class-stationary backward recomputes each logit
-    bit-identically to the row-stationary forward (SPEC "Bad input"). The tensor-core product of
+    bit-identically to the row-stationary forward (contract "Bad input"). The tensor-core product of
     one element does not depend on which operand is A; Triton's TF32x3 adds its two cross terms
     in an order that does, so fp32 uses this symmetric split (hi.hi + (lo.hi + hi.lo))."""
     if PRECISION == "tf32x3":
