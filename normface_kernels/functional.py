@@ -35,18 +35,26 @@ def has_cuda_kernels():
         "normface::cosine_softmax_forward", "CUDA")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_STATUS = None  # (usable, why not), set on first use
+
+
 def _triton_status():
     """(usable, why not): imports normface_kernels.triton once. Any failure -- triton missing or
     too old, a kernel or op that fails to define or register -- makes the backend unavailable
-    with its reason, instead of an exception on every call of backend="auto"."""
-    try:
-        from . import triton as _nf_triton  # noqa: F401
-    except Exception as error:  # noqa: BLE001 - any import/registration failure
-        return False, f"normface_kernels.triton failed to load ({type(error).__name__}: {error})"
-    if not hasattr(torch.ops.normface, "triton_cosine_softmax_forward"):
-        return False, "the Triton ops did not register"
-    return True, None
+    with its reason, instead of an exception on every call of backend="auto". (A module-level
+    cache rather than functools.lru_cache, which torch.compile would trace through with a
+    warning.)"""
+    global _TRITON_STATUS
+    if _TRITON_STATUS is None:
+        try:
+            from . import triton as _nf_triton  # noqa: F401
+        except Exception as error:  # noqa: BLE001 - any import/registration failure
+            _TRITON_STATUS = (False, f"normface_kernels.triton failed to load "
+                                     f"({type(error).__name__}: {error})")
+        else:
+            registered = hasattr(torch.ops.normface, "triton_cosine_softmax_forward")
+            _TRITON_STATUS = (registered, None if registered else "the Triton ops did not register")
+    return _TRITON_STATUS
 
 
 def has_triton():
