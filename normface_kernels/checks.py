@@ -230,8 +230,10 @@ def check_scale_tensor(scale, features):
 
 
 def scale_tensor(scale, features):
-    """A float scale (finite, > 0) becomes a 0-dim tensor on features' device; a tensor is
-    checked (metadata only: its value is checked by the op, or check_scale_value) and kept."""
+    """A float scale (finite, > 0) becomes a 0-dim tensor on features' device, by a fill on the
+    device (torch.tensor(value, device=...) would copy it from pageable host memory: not allowed
+    while a CUDA graph is captured); a tensor is checked (metadata only: its value is checked by
+    the op, or check_scale_value) and kept."""
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
     if torch.is_tensor(scale):
         check_scale_tensor(scale, features)
@@ -239,7 +241,7 @@ def scale_tensor(scale, features):
     value = check_number("scale", scale)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"scale must be finite and > 0, got {value}")
-    return torch.tensor(value, dtype=acc, device=features.device)
+    return torch.full((), value, dtype=acc, device=features.device)
 
 
 _NO_SCALE = object()
