@@ -289,8 +289,9 @@ def check_per_sample(name, t, features):
         raise ValueError(f"{name} must be floating, got {t.dtype}")
 
 
-def check_hardest(hardest, features, weight):
-    """c_triplet's hardest (B,) int64 in [-1, C) (the range is a data check)."""
+def check_hardest(hardest, features, weight, data=True):
+    """c_triplet's hardest (B,) int64 in [-1, C) (the range is a data check; data=False: a
+    backward op called by autograd, whose forward produced hardest, skips it)."""
     if not torch.is_tensor(hardest):
         raise ValueError(f"hardest must be a tensor, got {type(hardest).__name__}")
     check_device("hardest", hardest, features)
@@ -300,7 +301,7 @@ def check_hardest(hardest, features, weight):
     if hardest.dtype != torch.int64:
         raise ValueError(f"hardest must be int64, got {hardest.dtype}")
     C = weight.shape[0]
-    if hardest.numel() > 0 and data_checks_on(hardest):
+    if data and hardest.numel() > 0 and data_checks_on(hardest):
         if bool(((hardest < -1) | (hardest >= C)).any()):
             raise ValueError(f"hardest must be in [-1, {C}), got values outside")
 
