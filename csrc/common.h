@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #if defined(__CUDACC__)
 #define NF_HOST_DEVICE __host__ __device__ __forceinline__
@@ -52,6 +53,16 @@ NF_HOST_DEVICE void margin_target(T cos, T m1, T m2, T m3, T lam, T* t, T* dt_dc
   *dt_dcos = (lam + dpsi) / (T(1) + lam);
 }
 
+// The factor of a side that is not normalized (normalize_features / normalize_weight false):
+// 1, so that z uses the raw dot product, except for an infinite (or NaN) norm: cos is then
+// inf / inf, NaN in the contract, not the +-inf of the raw product alone. norm - norm is 0 for a
+// finite norm and NaN otherwise (no library call: host and device alike).
+template <typename T>
+NF_HOST_DEVICE T unnormalized_factor(T norm) {
+  const T d = norm - norm;
+  return d == d ? T(1) : d;
+}
+
 // The switch of the data checks (label range, scale value, hardest range): they read tensor
 // data, a host-device sync on CUDA tensors. Off (op normface::set_data_checks, Python
 // normface_kernels.set_data_checks) they are skipped on CUDA tensors, so a training step can be
@@ -64,25 +75,45 @@ inline std::atomic<bool>& data_checks_flag() {
 
 // Whether t holds data a check can read: not a meta tensor, nor a fake / functional tensor of
 // torch.compile tracing (a composite op runs on those before any backend kernel).
+// Margins of the cosine softmax (contract "Cosine softmax with margins") and its switches.
+struct Margins {
+  double m1, m2, m3, lam;
+  bool normalize_features, normalize_weight;
+};
+
+// contract "Shapes and conventions": accumulate in float32, or float64 for float64 inputs; losses
+// and lse come back in this dtype.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// float64 is served on the CPU only (contract: it is there for gradcheck).
+inline void check_float64_on_cpu(const at::Tensor& features) {
+  TORCH_CHECK(features.is_cpu() || features.scalar_type() != at::kDouble,
+              "features: float64 is supported on CPU only, got float64 on ", features.device());
+}
+
 inline bool has_data(const at::Tensor& t) {
   const c10::DispatchKeySet keys = t.key_set();
   return !t.is_meta() && !keys.has(c10::DispatchKey::Python) &&
          !keys.has(c10::DispatchKey::Functionalize);
 }
 
-inline bool data_checks_on(const at::Tensor& t) {
-  return has_data(t) && (t.is_cpu() || data_checks_flag().load(std::memory_order_relaxed));
-}
-
-inline int64_t resolve_num_classes(int64_t num_classes, const at::Tensor& weight) {
-  return num_classes < 0 ? weight.size(0) : num_classes;
+// check_data: the op's own switch, false in the backward ops that autograd calls
+// (normface_kernels/ops.py): their forward checked the same labels and scale. CPU tensors are
+// checked whatever the switches say (it costs no sync there, and the blocked CPU kernels index
+// with the labels and hardest directly).
+inline bool data_checks_on(const at::Tensor& t, bool check_data = true) {
+  return has_data(t) &&
+         (t.is_cpu() || (check_data && data_checks_flag().load(std::memory_order_relaxed)));
 }
 
 // ------------------------------------------------------------------------------------------------
 // Argument checks (contract "Bad input"). Every op calls the bundle of its family below before it
 // touches memory; each message names the argument. Checks of numbers and metadata are always on
 // and cost nothing; the checks that read tensor data (label range, scale value, hardest range) run
-// on CPU tensors always and on CUDA tensors while data_checks_on (one host sync each).
+// on CPU tensors always and on CUDA tensors while data_checks_on: one host read per op for the
+// labels and the scale together (check_values).
 // ------------------------------------------------------------------------------------------------
 
 // `name` lives on the device of features. A meta tensor mixed with real ones is an error: the
@@ -128,45 +159,45 @@ inline int64_t check_shard(int64_t class_start, int64_t num_classes, const at::T
   return n;
 }
 
-// The checks every loss op makes before touching memory. Messages name the argument.
-inline void check_loss_inputs(const at::Tensor& features, const at::Tensor& weight,
-                              const at::Tensor& labels, int64_t ignore_index,
-                              int64_t class_start, int64_t num_classes) {
+// features (B, D) floating and weight (C, D) of its dtype, on its device, with C > 0: the pair
+// every op over features and agents takes (the losses, cosine_logits).
+inline void check_pair(const at::Tensor& features, const at::Tensor& weight) {
   check_defined("features", features);
   check_defined("weight", weight);
-  check_defined("labels", labels);
   TORCH_CHECK(features.dim() == 2, "features must be 2-D (B, D), got shape ", features.sizes());
   TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (C, D), got shape ", weight.sizes());
-  TORCH_CHECK(labels.dim() == 1, "labels must be 1-D (B,), got shape ", labels.sizes());
   check_device("weight", weight, features);
-  check_device("labels", labels, features);
   TORCH_CHECK(features.size(1) == weight.size(1),
               "features and weight must have the same D, got features ", features.sizes(),
               " and weight ", weight.sizes());
-  TORCH_CHECK(labels.size(0) == features.size(0),
-              "labels must have one entry per row of features, got labels ", labels.sizes(),
-              " and features ", features.sizes());
   TORCH_CHECK(weight.size(0) > 0, "weight must have at least one class (C > 0), got shape ",
               weight.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ",
-              labels.scalar_type());
   TORCH_CHECK(at::isFloatingType(features.scalar_type()),
               "features must be a floating tensor, got ", features.scalar_type());
   TORCH_CHECK(features.scalar_type() == weight.scalar_type(),
               "weight must have the dtype of features (", features.scalar_type(), "), got ",
               weight.scalar_type());
-  const int64_t n = check_shard(class_start, num_classes, weight);
-  if (labels.numel() > 0 && data_checks_on(labels)) {
-    // One host sync: a label outside [0, num_classes) must raise, never index out of bounds.
-    const at::Tensor bad = (labels != ignore_index) & ((labels < 0) | (labels >= n));
-    TORCH_CHECK(!bad.any().item<bool>(), "labels must be in [0, ", n,
-                ") or equal ignore_index (", ignore_index, "); got ",
-                labels.masked_select(bad).flatten()[0].item<int64_t>());
-  }
+}
+
+// The metadata checks of every loss op: the pair, labels (B,) int64 on features' device, the
+// shard. Returns num_classes (the labels' range, read by check_values).
+inline int64_t check_loss_inputs(const at::Tensor& features, const at::Tensor& weight,
+                                 const at::Tensor& labels, int64_t class_start,
+                                 int64_t num_classes) {
+  check_pair(features, weight);
+  check_defined("labels", labels);
+  TORCH_CHECK(labels.dim() == 1, "labels must be 1-D (B,), got shape ", labels.sizes());
+  check_device("labels", labels, features);
+  TORCH_CHECK(labels.size(0) == features.size(0),
+              "labels must have one entry per row of features, got labels ", labels.sizes(),
+              " and features ", features.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ",
+              labels.scalar_type());
+  return check_shard(class_start, num_classes, weight);
 }
 
 // scale: one floating number (a 0-dim tensor) on the device of features, or a CPU number
-// next to accelerator features (never next to meta ones); its value finite and > 0 (data check).
+// next to accelerator features (never next to meta ones). Its value is check_values'.
 inline void check_scale(const at::Tensor& scale, const at::Tensor& features) {
   check_defined("scale", scale);
   TORCH_CHECK(scale.numel() == 1, "scale must be a single number (0-dim tensor), got shape ",
@@ -176,10 +207,44 @@ inline void check_scale(const at::Tensor& scale, const at::Tensor& features) {
   TORCH_CHECK(scale.device() == features.device() || (scale.is_cpu() && !features.is_meta()),
               "scale must be on the device of features (", features.device(), "), got ",
               scale.device());
-  if (data_checks_on(scale)) {
+}
+
+// The data checks of an op: labels (if defined) in [0, n) or equal to ignore_index, scale (if
+// defined) finite and > 0. A label outside the range must raise, never index out of bounds. The
+// flags of both are stacked and read at once: one host-device sync on CUDA tensors (none while
+// data_checks_on is false); the error path reads more to name the bad value.
+inline void check_values(const at::Tensor& labels, int64_t ignore_index, int64_t n,
+                         const at::Tensor& scale, bool check_data) {
+  const bool read_labels =
+      labels.defined() && labels.numel() > 0 && data_checks_on(labels, check_data);
+  bool read_scale = scale.defined() && data_checks_on(scale, check_data);
+  if (read_scale && read_labels && scale.device() != labels.device()) {
+    // A CPU number next to CUDA labels: reading it costs no sync, and no copy is needed.
     const double value = scale.item<double>();
     TORCH_CHECK(std::isfinite(value) && value > 0.0, "scale must be finite and > 0, got ",
                 value);
+    read_scale = false;
+  }
+  if (!read_labels && !read_scale) return;
+  at::Tensor bad_labels;
+  std::vector<at::Tensor> flags;
+  if (read_labels) {
+    bad_labels = (labels != ignore_index) & ((labels < 0) | (labels >= n));
+    flags.push_back(bad_labels.any());
+  }
+  if (read_scale) {
+    const at::Tensor s = scale.reshape({});
+    flags.push_back(at::isfinite(s).logical_and(s > 0).logical_not());
+  }
+  const at::Tensor read = at::stack(flags).to(at::kCPU);  // the one host read
+  const bool* bad = read.data_ptr<bool>();
+  if (read_labels) {
+    TORCH_CHECK(!bad[0], "labels must be in [0, ", n, ") or equal ignore_index (", ignore_index,
+                "); got ", labels.masked_select(bad_labels).flatten()[0].item<int64_t>());
+  }
+  if (read_scale) {
+    TORCH_CHECK(!bad[read_labels ? 1 : 0], "scale must be finite and > 0, got ",
+                scale.item<double>());
   }
 }
 
@@ -194,13 +259,13 @@ inline void check_per_sample(const char* name, const at::Tensor& t, const at::Te
 
 // c_triplet's hardest (B,) int64: a local class in [0, C) or -1 (data check for the range).
 inline void check_hardest(const at::Tensor& hardest, const at::Tensor& features,
-                          const at::Tensor& weight) {
+                          const at::Tensor& weight, bool check_data) {
   check_device("hardest", hardest, features);
   TORCH_CHECK(hardest.dim() == 1 && hardest.size(0) == features.size(0) &&
                   hardest.scalar_type() == at::kLong,
               "hardest must be int64 of shape (B,) = (", features.size(0), "), got ",
               hardest.scalar_type(), " of shape ", hardest.sizes());
-  if (hardest.numel() > 0 && data_checks_on(hardest)) {
+  if (hardest.numel() > 0 && data_checks_on(hardest, check_data)) {
     const at::Tensor bad = (hardest < -1) | (hardest >= weight.size(0));
     TORCH_CHECK(!bad.any().item<bool>(), "hardest must be in [-1, ", weight.size(0), "), got ",
                 hardest.masked_select(bad).flatten()[0].item<int64_t>());
@@ -208,6 +273,7 @@ inline void check_hardest(const at::Tensor& hardest, const at::Tensor& features,
 }
 
 // ---- One bundle per op family (the CPU and CUDA kernels call these) ----------------------------
+// check_data: false in a backward op called by autograd (data_checks_on above).
 
 inline void check_normalize_args(const at::Tensor& x, double eps) {
   check_defined("x", x);
@@ -231,33 +297,21 @@ inline void check_normalize_backward_args(const at::Tensor& grad, const at::Tens
 // cosine_logits: features (B, D), weight (C, D) with C > 0, one scale, eps.
 inline void check_logits_args(const at::Tensor& features, const at::Tensor& weight,
                               const at::Tensor& scale, double eps) {
-  check_defined("features", features);
-  check_defined("weight", weight);
-  TORCH_CHECK(features.dim() == 2, "features must be 2-D (B, D), got shape ", features.sizes());
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (C, D), got shape ", weight.sizes());
-  check_device("weight", weight, features);
-  TORCH_CHECK(features.size(1) == weight.size(1),
-              "features and weight must have the same D, got features ", features.sizes(),
-              " and weight ", weight.sizes());
-  TORCH_CHECK(weight.size(0) > 0, "weight must have at least one class (C > 0), got shape ",
-              weight.sizes());
-  TORCH_CHECK(at::isFloatingType(features.scalar_type()),
-              "features must be a floating tensor, got ", features.scalar_type());
-  TORCH_CHECK(features.scalar_type() == weight.scalar_type(),
-              "weight must have the dtype of features (", features.scalar_type(), "), got ",
-              weight.scalar_type());
+  check_pair(features, weight);
   check_scale(scale, features);
   check_eps(eps);
+  check_values(at::Tensor(), 0, 0, scale, /*check_data=*/true);
 }
 
 inline void check_softmax_forward_args(const at::Tensor& features, const at::Tensor& weight,
                                        const at::Tensor& labels, const at::Tensor& scale,
                                        double m1, double m2, double m3, double lam,
                                        int64_t ignore_index, int64_t class_start,
-                                       int64_t num_classes) {
+                                       int64_t num_classes, bool check_data = true) {
   check_margins(m1, m2, m3, lam);
-  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+  const int64_t n = check_loss_inputs(features, weight, labels, class_start, num_classes);
   check_scale(scale, features);
+  check_values(labels, ignore_index, n, scale, check_data);
 }
 
 inline void check_softmax_backward_args(const at::Tensor& grad_loss, const at::Tensor& grad_lse,
@@ -265,9 +319,9 @@ inline void check_softmax_backward_args(const at::Tensor& grad_loss, const at::T
                                         const at::Tensor& labels, const at::Tensor& scale,
                                         const at::Tensor& lse, double m1, double m2, double m3,
                                         double lam, int64_t ignore_index, int64_t class_start,
-                                        int64_t num_classes) {
+                                        int64_t num_classes, bool check_data) {
   check_softmax_forward_args(features, weight, labels, scale, m1, m2, m3, lam, ignore_index,
-                             class_start, num_classes);
+                             class_start, num_classes, check_data);
   check_per_sample("grad_loss", grad_loss, features);
   check_per_sample("grad_lse", grad_lse, features);
   check_per_sample("lse", lse, features);
@@ -276,17 +330,18 @@ inline void check_softmax_backward_args(const at::Tensor& grad_loss, const at::T
 // c_contrastive (pos_margin, neg_margin), c_triplet (margin) and center_loss (no margin).
 inline void check_agent_args(const at::Tensor& features, const at::Tensor& weight,
                              const at::Tensor& labels, int64_t ignore_index,
-                             int64_t class_start, int64_t num_classes) {
-  check_loss_inputs(features, weight, labels, ignore_index, class_start, num_classes);
+                             int64_t class_start, int64_t num_classes, bool check_data = true) {
+  const int64_t n = check_loss_inputs(features, weight, labels, class_start, num_classes);
+  check_values(labels, ignore_index, n, at::Tensor(), check_data);
 }
 
 inline void check_contrastive_args(const at::Tensor& features, const at::Tensor& weight,
                                    const at::Tensor& labels, double pos_margin,
                                    double neg_margin, int64_t ignore_index, int64_t class_start,
-                                   int64_t num_classes) {
+                                   int64_t num_classes, bool check_data = true) {
   check_finite("pos_margin", pos_margin);
   check_finite("neg_margin", neg_margin);
-  check_agent_args(features, weight, labels, ignore_index, class_start, num_classes);
+  check_agent_args(features, weight, labels, ignore_index, class_start, num_classes, check_data);
 }
 
 inline void check_triplet_args(const at::Tensor& features, const at::Tensor& weight,
@@ -300,10 +355,12 @@ inline void check_triplet_backward_args(const at::Tensor& grad_loss, const at::T
                                         const at::Tensor& weight, const at::Tensor& labels,
                                         const at::Tensor& hardest, double margin,
                                         bool hardest_only, int64_t ignore_index,
-                                        int64_t class_start, int64_t num_classes) {
-  check_triplet_args(features, weight, labels, margin, ignore_index, class_start, num_classes);
+                                        int64_t class_start, int64_t num_classes,
+                                        bool check_data) {
+  check_finite("margin", margin);
+  check_agent_args(features, weight, labels, ignore_index, class_start, num_classes, check_data);
   check_per_sample("grad_loss", grad_loss, features);
-  if (hardest_only) check_hardest(hardest, features, weight);
+  if (hardest_only) check_hardest(hardest, features, weight, check_data);
 }
 
 // ---------------------------------------------------------------------------------------------

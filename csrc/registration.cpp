@@ -15,6 +15,9 @@
 //   global ids in [0, num_classes), and a valid label outside the shard means "target elsewhere".
 //   The public single-process ops use class_start = 0, num_classes = C.
 //   Losses come back in float32 (float64 for float64 inputs); gradients in the input dtype.
+//   The backward ops' check_data=False (what autograd passes, normface_kernels/ops.py) skips
+//   their data checks on CUDA tensors: the forward checked the same labels and scale, and a
+//   training step makes at most one host sync, in the forward (common.h check_values).
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -118,8 +121,8 @@ TORCH_LIBRARY(normface, m) {
       "cosine_softmax_backward(Tensor grad_loss, Tensor grad_lse, Tensor features, "
       "Tensor weight, Tensor labels, Tensor scale, Tensor lse, float m1, float m2, float m3, "
       "float lam, bool normalize_features, bool normalize_weight, int ignore_index, "
-      "int class_start, int num_classes) -> (Tensor grad_features, Tensor grad_weight, "
-      "Tensor grad_scale)");
+      "int class_start, int num_classes, bool check_data=True) -> (Tensor grad_features, "
+      "Tensor grad_weight, Tensor grad_scale)");
 
   // Agent losses (paper section 4, eq. 10 and 11), d_ij = 2 - 2 cos_ij.
   m.def(
@@ -128,8 +131,8 @@ TORCH_LIBRARY(normface, m) {
       "-> Tensor");
   m.def(
       "c_contrastive_backward(Tensor grad_loss, Tensor features, Tensor weight, Tensor labels, "
-      "float pos_margin, float neg_margin, int ignore_index, int class_start, int num_classes) "
-      "-> (Tensor grad_features, Tensor grad_weight)");
+      "float pos_margin, float neg_margin, int ignore_index, int class_start, int num_classes, "
+      "bool check_data=True) -> (Tensor grad_features, Tensor grad_weight)");
 
   m.def(
       "c_triplet(Tensor features, Tensor weight, Tensor labels, float margin=0.8, "
@@ -143,14 +146,15 @@ TORCH_LIBRARY(normface, m) {
   m.def(
       "c_triplet_backward(Tensor grad_loss, Tensor features, Tensor weight, Tensor labels, "
       "Tensor hardest, float margin, bool hardest_only, bool center, int ignore_index, "
-      "int class_start, int num_classes) -> (Tensor grad_features, Tensor grad_weight)");
+      "int class_start, int num_classes, bool check_data=True) "
+      "-> (Tensor grad_features, Tensor grad_weight)");
 
   m.def(
       "center_loss(Tensor features, Tensor weight, Tensor labels, int ignore_index=-100, "
       "int class_start=0, int num_classes=-1) -> Tensor");
   m.def(
       "center_loss_backward(Tensor grad_loss, Tensor features, Tensor weight, Tensor labels, "
-      "int ignore_index, int class_start, int num_classes) "
+      "int ignore_index, int class_start, int num_classes, bool check_data=True) "
       "-> (Tensor grad_features, Tensor grad_weight)");
 }
 

@@ -230,8 +230,10 @@ def check_scale_tensor(scale, features):
 
 
 def scale_tensor(scale, features):
-    """A float scale (finite, > 0) becomes a 0-dim tensor on features' device; a tensor is
-    checked (metadata only: its value is checked by the op, or check_scale_value) and kept."""
+    """A float scale (finite, > 0) becomes a 0-dim tensor on features' device, by a fill on the
+    device (torch.tensor(value, device=...) would copy it from pageable host memory: not allowed
+    while a CUDA graph is captured); a tensor is checked (metadata only: its value is checked by
+    the op, or check_scale_value) and kept."""
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
     if torch.is_tensor(scale):
         check_scale_tensor(scale, features)
@@ -239,7 +241,7 @@ def scale_tensor(scale, features):
     value = check_number("scale", scale)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"scale must be finite and > 0, got {value}")
-    return torch.tensor(value, dtype=acc, device=features.device)
+    return torch.full((), value, dtype=acc, device=features.device)
 
 
 _NO_SCALE = object()
@@ -287,8 +289,9 @@ def check_per_sample(name, t, features):
         raise ValueError(f"{name} must be floating, got {t.dtype}")
 
 
-def check_hardest(hardest, features, weight):
-    """c_triplet's hardest (B,) int64 in [-1, C) (the range is a data check)."""
+def check_hardest(hardest, features, weight, data=True):
+    """c_triplet's hardest (B,) int64 in [-1, C) (the range is a data check; data=False: a
+    backward op called by autograd, whose forward produced hardest, skips it)."""
     if not torch.is_tensor(hardest):
         raise ValueError(f"hardest must be a tensor, got {type(hardest).__name__}")
     check_device("hardest", hardest, features)
@@ -298,7 +301,7 @@ def check_hardest(hardest, features, weight):
     if hardest.dtype != torch.int64:
         raise ValueError(f"hardest must be int64, got {hardest.dtype}")
     C = weight.shape[0]
-    if hardest.numel() > 0 and data_checks_on(hardest):
+    if data and hardest.numel() > 0 and data_checks_on(hardest):
         if bool(((hardest < -1) | (hardest >= C)).any()):
             raise ValueError(f"hardest must be in [-1, {C}), got values outside")
 

@@ -540,11 +540,9 @@ class ShardedNormFaceLoss(nn.Module):
         """Proposition 3's per-class moving average of d(f_i, W_y)^2, for this rank's classes."""
         start, end = self.class_start, self.class_end
         is_local = valid & (labels_all >= start) & (labels_all < end)
-        if not bool(is_local.any()):
-            return
-        y = labels_all[is_local] - start
-        d = _row_distance(f_all.detach()[is_local], self.weight.detach(), y)
-        update_agent_distortion(self, y, d)
+        y = torch.where(is_local, labels_all - start, -1)
+        d = _row_distance(f_all.detach(), self.weight.detach(), y)
+        update_agent_distortion(self, y, d, is_local)
 
     def extra_repr(self):
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "

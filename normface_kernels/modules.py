@@ -34,15 +34,20 @@ def reset_agents(module):
 
 
 @torch.no_grad()
-def update_agent_distortion(module, y, d):
+def update_agent_distortion(module, y, d, valid):
     """Proposition 3: per class, a moving average of the batch mean of d(f_i, W_y)^2.
 
-    y: (N,) row indices into module.weight of the samples' classes; d: (N,) their distances.
+    y: (N,) row indices into module.weight of the samples' classes (any value where `valid` is
+    False); d: (N,) their distances; valid: (N,) bool, the samples that count. The other samples
+    add exact zeros at row 0 (selects, not a boolean index, which would read the mask on the host:
+    a host-device sync in every CUDA training step).
     A class seen for the first time starts at its batch mean instead of decaying from 0.
     """
     buf = module.agent_distortion
-    num = torch.zeros_like(buf).index_add_(0, y, d.to(buf.dtype))
-    cnt = torch.zeros_like(buf).index_add_(0, y, torch.ones_like(d, dtype=buf.dtype))
+    rows = torch.where(valid, y, torch.zeros_like(y))
+    zero = torch.zeros((), dtype=buf.dtype, device=buf.device)
+    num = torch.zeros_like(buf).index_add_(0, rows, torch.where(valid, d.to(buf.dtype), zero))
+    cnt = torch.zeros_like(buf).index_add_(0, rows, valid.to(buf.dtype))
     present = cnt > 0
     batch_mean = num / cnt.clamp(min=1)
     momentum = torch.where(module.distortion_seen, module.distortion_momentum, 0.0)
@@ -178,8 +183,10 @@ class NormFaceLoss(nn.Module):
         """Proposition 3: moving average, per class, of the batch mean of d(f_i, W_y)^2."""
         d = F.center_loss(features.detach(), self.weight.detach(), labels,
                           ignore_index=self.ignore_index, reduction="none", backend=self.backend)
-        valid = labels != self.ignore_index
-        update_agent_distortion(self, labels[valid], d[valid])
+        # A label outside [0, C) (let through when the data checks are off) is skipped, never an
+        # index out of bounds.
+        valid = (labels != self.ignore_index) & (labels >= 0) & (labels < self.weight.shape[0])
+        update_agent_distortion(self, labels, d, valid)
 
     def forward(self, features, labels):
         loss = self._main_loss(features, labels)

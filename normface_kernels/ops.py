@@ -56,10 +56,11 @@ def _register_fakes(prefix):
 
     @torch.library.register_fake(ns + "cosine_softmax_backward")
     def _(grad_loss, grad_lse, features, weight, labels, scale, lse, m1, m2, m3, lam,
-          normalize_features, normalize_weight, ignore_index, class_start, num_classes):
+          normalize_features, normalize_weight, ignore_index, class_start, num_classes,
+          check_data=True):
         checks.check_margins(m1, m2, m3, lam)
         checks.check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
-                               scale)
+                               scale, data=check_data)
         for name, t in (("grad_loss", grad_loss), ("grad_lse", grad_lse), ("lse", lse)):
             checks.check_per_sample(name, t, features)
         return torch.empty_like(features), torch.empty_like(weight), torch.empty_like(scale)
@@ -75,10 +76,11 @@ def _register_fakes(prefix):
 
     @torch.library.register_fake(ns + "c_contrastive_backward")
     def _(grad_loss, features, weight, labels, pos_margin, neg_margin, ignore_index,
-          class_start, num_classes):
+          class_start, num_classes, check_data=True):
         checks.check_finite("pos_margin", pos_margin)
         checks.check_finite("neg_margin", neg_margin)
-        checks.check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
+        checks.check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
+                               data=check_data)
         checks.check_per_sample("grad_loss", grad_loss, features)
         return torch.empty_like(features), torch.empty_like(weight)
 
@@ -91,12 +93,13 @@ def _register_fakes(prefix):
 
     @torch.library.register_fake(ns + "c_triplet_backward")
     def _(grad_loss, features, weight, labels, hardest, margin, hardest_only, center,
-          ignore_index, class_start, num_classes):
+          ignore_index, class_start, num_classes, check_data=True):
         checks.check_finite("margin", margin)
-        checks.check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
+        checks.check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
+                               data=check_data)
         checks.check_per_sample("grad_loss", grad_loss, features)
         if hardest_only:
-            checks.check_hardest(hardest, features, weight)
+            checks.check_hardest(hardest, features, weight, data=check_data)
         return torch.empty_like(features), torch.empty_like(weight)
 
     @torch.library.register_fake(ns + "center_loss")
@@ -105,15 +108,19 @@ def _register_fakes(prefix):
         return _per_sample(features)
 
     @torch.library.register_fake(ns + "center_loss_backward")
-    def _(grad_loss, features, weight, labels, ignore_index, class_start, num_classes):
-        checks.check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
+    def _(grad_loss, features, weight, labels, ignore_index, class_start, num_classes,
+          check_data=True):
+        checks.check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
+                               data=check_data)
         checks.check_per_sample("grad_loss", grad_loss, features)
         return torch.empty_like(features), torch.empty_like(weight)
 
 
 # ---------------------------------------------------------------------------------------------
 # Autograd: every forward op saves its inputs (and the outputs the backward needs) and calls the
-# matching *_backward op. Labels and the float/int/bool parameters get no gradient.
+# matching *_backward op with check_data=False: the forward checked the same labels and scale,
+# so the backward makes no host sync (contract: at most one per training step, in the forward).
+# Labels and the float/int/bool parameters get no gradient.
 # ---------------------------------------------------------------------------------------------
 
 def _grad_or_zeros(grad, like):
@@ -152,7 +159,7 @@ def register_autograd_family(prefix=""):
         features, weight, labels, scale, lse = ctx.saved_tensors
         grad_f, grad_w, grad_s = backward_op("cosine_softmax_backward")(
             _grad_or_zeros(grad_loss, lse), _grad_or_zeros(grad_lse, lse), features, weight,
-            labels, scale, lse, *ctx.params)
+            labels, scale, lse, *ctx.params, False)
         needs = ctx.needs_input_grad
         return ((grad_f if needs[0] else None, grad_w if needs[1] else None, None,
                  grad_s if needs[3] else None) + (None,) * len(ctx.params))
@@ -171,7 +178,7 @@ def register_autograd_family(prefix=""):
         def backward(ctx, grad_loss, *unused):
             saved = ctx.saved_tensors
             grad_f, grad_w = backward_op(backward_name)(
-                _grad_or_zeros(grad_loss, _per_sample(saved[0])), *saved, *ctx.params)
+                _grad_or_zeros(grad_loss, _per_sample(saved[0])), *saved, *ctx.params, False)
             needs = ctx.needs_input_grad
             return ((grad_f if needs[0] else None, grad_w if needs[1] else None, None)
                     + (None,) * len(ctx.params))

@@ -1,8 +1,10 @@
 """Property-based fuzz of the public API against the reference (hypothesis; issue #12).
 
 - random valid inputs -- shapes, margins, normalization switches, dtypes, ignored rows, special
-  rows (on the agent, opposite, zero), non-contiguous layouts -- on the cpu backend and on the
-  Triton ops (interpreter on CPU; tiny shapes), losses and every gradient against the reference;
+  rows (on the agent, opposite, zero), non-contiguous layouts -- on the cpu backend (its blocked
+  kernels, and as "chunked" the chunked path's orchestration that backend="cuda" runs, with its CPU
+  epilogues and chunks of a few classes), on the Triton ops (interpreter on CPU; tiny shapes) and
+  on the CUDA kernels (GPU machines), losses and every gradient against the reference;
 - exactness at huge norms: float64 (and float32) gradients where the softmax is exactly one-hot,
   so that any correct implementation is exact (contract: the backward recomputes each logit
   bit-identically to the forward);
@@ -21,6 +23,7 @@ natural * (1e-9 + 1e-14 max|z|); it stays far below the O(1) errors of a real bu
 precision STYLE.md's rule applies: error <= 2 x (plain PyTorch run in that precision) + atol.
 """
 
+import contextlib
 import math
 import os
 import sys
@@ -42,6 +45,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st  #
 
 import normface_kernels as nk  # noqa: E402
 from normface_kernels import reference  # noqa: E402
+from normface_kernels.chunking import chunk_budget, cpu_path  # noqa: E402
 
 # NaN and inf on purpose: numpy (the Triton interpreter) warns about them.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -62,6 +66,8 @@ LOW = (torch.float16, torch.bfloat16)
 
 def fuzz(examples):
     return settings(FUZZ, max_examples=examples)
+
+
 AGENT_LOSSES = ("c_contrastive", "c_triplet", "center_loss")
 
 
@@ -141,10 +147,25 @@ def _reference(loss):
             "c_triplet": reference.c_triplet, "center_loss": reference.center_loss}[loss]
 
 
+# "chunked": backend="cpu" on the chunked path (csrc/chunked with its CPU epilogues), in chunks of
+# one to a few classes at these shapes, so that every call walks several chunks.
+CHUNKED_BUDGET = 1024
+
+
+def _kernels(backend):
+    """The public API's backend name, and the context its calls (forward and backward) run in."""
+    if backend == "chunked":
+        stack = contextlib.ExitStack()
+        stack.enter_context(cpu_path("chunked"))
+        stack.enter_context(chunk_budget(CHUNKED_BUDGET))
+        return "cpu", stack
+    return backend, contextlib.nullcontext()
+
+
 def run(case, backend, dtype=None, device="cpu", plain=False):
     """(loss, grad_features, grad_weight, grad_scale or None), all float64 on CPU. backend
     "reference" (with plain=True: the reference computed in the input precision itself, the
-    STYLE.md "plain PyTorch in low precision")."""
+    STYLE.md "plain PyTorch in low precision") or "chunked" (_kernels)."""
     dtype = dtype or case.dtype
     # Rounded to the case's dtype first: the float64 "exact" run sees the same numbers.
     f = case.f.to(case.dtype).to(device=device, dtype=dtype)
@@ -163,27 +184,21 @@ def run(case, backend, dtype=None, device="cpu", plain=False):
         s = torch.tensor(scale, dtype=acc, device=device, requires_grad=True) if learn else None
         kwargs["scale"] = s if learn else scale
     inputs = [t for t in (f, w, s) if t is not None]
-    if backend == "reference":
-        with mock.patch.object(reference, "_acc_dtype", lambda x: x.dtype) if plain else \
-                _nothing():
-            per = _reference(case.loss)(f, w, y, ignore_index=case.ignore_index, **kwargs)
-        out = reference.reduce_loss(per, y, case.ignore_index, case.reduction)
-    else:
-        out = _public(case.loss)(f, w, y, ignore_index=case.ignore_index,
-                                 reduction=case.reduction, backend=backend, **kwargs)
-    total = out if case.reduction != "none" else (out * case.upstream.to(out)).sum()
-    grads = torch.autograd.grad(total, inputs, allow_unused=True)
+    name, context = _kernels(backend)
+    with context:  # the backward too runs the chunked path's ops
+        if backend == "reference":
+            with mock.patch.object(reference, "_acc_dtype", lambda x: x.dtype) if plain else \
+                    contextlib.nullcontext():
+                per = _reference(case.loss)(f, w, y, ignore_index=case.ignore_index, **kwargs)
+            out = reference.reduce_loss(per, y, case.ignore_index, case.reduction)
+        else:
+            out = _public(case.loss)(f, w, y, ignore_index=case.ignore_index,
+                                     reduction=case.reduction, backend=name, **kwargs)
+        total = out if case.reduction != "none" else (out * case.upstream.to(out)).sum()
+        grads = torch.autograd.grad(total, inputs, allow_unused=True)
     grads = [None if g is None else g.detach().cpu().double() for g in grads]
     grads = (grads + [None])[:3]
     return (out.detach().cpu().double(),) + tuple(grads)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _norms(x):
@@ -349,6 +364,19 @@ def test_cpu_agent_losses_match_reference(case):
     check_against_reference(case, "cpu")
 
 
+@fuzz(100)
+@given(cases("softmax", ALL_DTYPES))
+def test_chunked_softmax_matches_reference(case):
+    check_against_reference(case, "chunked")
+
+
+@fuzz(100)
+@given(st.sampled_from(AGENT_LOSSES).flatmap(lambda loss: cases(loss, ALL_DTYPES)))
+def test_chunked_agent_losses_match_reference(case):
+    assume(no_discontinuity(case))
+    check_against_reference(case, "chunked")
+
+
 @needs_triton
 @fuzz(12)
 @given(cases("softmax", [torch.float64, torch.float32], max_b=18, max_c=20, max_d=20))
@@ -452,6 +480,13 @@ def test_cpu_exact_at_huge_norms(case):
     check_huge(case, "cpu")
 
 
+@fuzz(50)
+@given(huge_cases([torch.float64, torch.float32]))
+def test_chunked_exact_at_huge_norms(case):
+    assume(one_hot_softmax(case))
+    check_huge(case, "chunked")
+
+
 @needs_triton
 @fuzz(8)
 @given(huge_cases([torch.float64, torch.float32]))
@@ -538,12 +573,16 @@ def check_poisoned(case, backend, device="cpu"):
     return out
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=needs_triton),
-                                     pytest.param("cuda", marks=needs_cuda)])
+BACKENDS = ["cpu", "chunked", pytest.param("triton", marks=needs_triton),
+            pytest.param("cuda", marks=needs_cuda)]
+DEVICES = {"cpu": "cpu", "chunked": "cpu", "triton": TRITON_DEVICE, "cuda": "cuda"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", ["softmax", "c_contrastive", "c_triplet", "center_loss"])
 def test_nan_in_an_ignored_row_reaches_nothing(loss, backend):
     """contract: an ignored sample contributes nothing, even when its features are NaN or inf."""
-    device = {"cpu": "cpu", "triton": TRITON_DEVICE, "cuda": "cuda"}[backend]
+    device = DEVICES[backend]
 
     @fuzz(3 if backend == "triton" else 30)
     @given(poisoned(loss, "ignored", dtypes=_poison_dtypes(backend)))
@@ -558,14 +597,13 @@ def test_nan_in_an_ignored_row_reaches_nothing(loss, backend):
     check()
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=needs_triton),
-                                     pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("target", ["valid", "agent"])
 @pytest.mark.parametrize("loss", ["softmax", "c_contrastive", "c_triplet", "center_loss"])
 def test_nan_in_a_valid_row_or_agent_gives_nan_where_the_reference_does(loss, target, backend):
-    device = {"cpu": "cpu", "triton": TRITON_DEVICE, "cuda": "cuda"}[backend]
+    device = DEVICES[backend]
 
-    @fuzz(2 if backend == "triton" else 25)
+    @fuzz(2 if backend == "triton" else 40)
     @given(poisoned(loss, target, dtypes=_poison_dtypes(backend)))
     def check(case):
         assume(no_discontinuity(_clean(case)))

@@ -6,10 +6,12 @@ import math
 import pytest
 import torch
 from conftest import make_inputs
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import normface_kernels as nk
 from normface_kernels import reference
 from normface_kernels.distributed import ShardedNormFaceLoss
+from normface_kernels.modules import update_agent_distortion
 from normface_kernels.scale import learned_scale_floor, target_at_zero
 
 
@@ -177,6 +179,17 @@ def test_distortion_moving_average():
     assert torch.equal(module.agent_distortion, first)
 
 
+def test_distortion_update_skips_invalid_samples_without_indexing_by_them():
+    """Samples outside `valid` (ignored, or a label out of range let through with the data
+    checks off) are neither counted nor used as an index; their distance (NaN, inf) is not read."""
+    module = nk.NormFaceLoss(4, 3, backend="cpu", distortion_momentum=0.5)
+    y = torch.tensor([0, 10 ** 6, -100, 2, 0])
+    d = torch.tensor([1.0, math.nan, math.inf, 3.0, 2.0])
+    update_agent_distortion(module, y, d, torch.tensor([True, False, False, True, True]))
+    torch.testing.assert_close(module.agent_distortion, torch.tensor([1.5, 0.0, 3.0]))
+    assert module.distortion_seen.tolist() == [True, False, True]
+
+
 def test_training_reduces_the_loss():
     torch.manual_seed(0)
     centers = torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
@@ -193,3 +206,74 @@ def test_training_reduces_the_loss():
         first = loss.item() if first is None else first
     assert loss.item() < 0.5 * first
     assert module.scale.grad is not None and module.scale.item() != 10.0
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that read tensor data on the host -- a host-device synchronization on
+    CUDA tensors: .item(), bool(t), nonzero, boolean-mask indexing -- or build a tensor from
+    Python data (torch.tensor(x, device=cuda): a pageable host-to-device copy, not allowed in
+    CUDA-graph capture). On CPU tensors they cost nothing, but they are the same calls: a test
+    on CPU finds the Python code that would synchronize on CUDA. (The C++ and Triton ops are
+    seen as one call each: their own data checks are not recorded here.)"""
+
+    READS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal",
+             "lift_fresh", "unique", "_unique2", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        masked = name in ("index", "index_put", "index_put_") and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in args[1] if i is not None)
+        if name in self.READS or masked:
+            self.reads.append(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(margins=(1.0, 0.5, 0.0), scale=30.0), dict(aux="c_contrastive"),
+    dict(loss="c_triplet", aux="center"), dict(loss="c_contrastive", reduction="sum")])
+def test_a_training_step_reads_no_tensor_data_on_the_host(kw):
+    """contract: with the data checks off a CUDA training step makes no host-device sync (so
+    that it can be captured in a CUDA graph); scripts/gpu_smoke_graph.py checks it on a GPU.
+    Here: the module's own Python code (the distortion update included) and the functional API
+    in a forward + backward."""
+    module = nk.NormFaceLoss(5, 9, backend="cpu", **kw)
+    f, _, y = make_inputs(6, 9, 5, dtype=torch.float32, ignore=(1,))
+    previous = nk.set_data_checks(False)
+    try:
+        with HostReads() as recorder:
+            module(f, y).backward()
+    finally:
+        nk.set_data_checks(previous)
+    assert recorder.reads == []
+    assert module.distortion_seen[y[y != -100]].all()
+
+
+@pytest.mark.parametrize("loss", ["cosine_softmax", "c_contrastive", "c_triplet", "center_loss"])
+def test_a_functional_call_reads_no_tensor_data_on_the_host(loss):
+    """The same for the functional API with a Python float scale (made a tensor on the device
+    by a fill, not by a copy from the host)."""
+    f, w, y = make_inputs(6, 9, 5, dtype=torch.float32, ignore=(1,))
+    kwargs = dict(scale=30.0, m2=0.5) if loss == "cosine_softmax" else {}
+    previous = nk.set_data_checks(False)
+    try:
+        with HostReads() as recorder:
+            getattr(nk, loss)(f, w, y, backend="cpu", **kwargs).backward()
+    finally:
+        nk.set_data_checks(previous)
+    assert recorder.reads == []
+
+
+def test_host_reads_are_recorded():
+    """The recorder of the test above sees each kind of read it looks for."""
+    x = torch.arange(4.0)
+    with HostReads() as recorder:
+        x.sum().item()
+        bool(x.any())
+        x[x > 1]
+        torch.tensor(2.0)
+    assert len(recorder.reads) == 4, recorder.reads

@@ -24,12 +24,6 @@ namespace normface {
 namespace chunked {
 namespace {
 
-// float64 is served on the CPU only (contract: it is there for gradcheck).
-void check_float64_on_cpu(const at::Tensor& features) {
-  TORCH_CHECK(features.is_cpu() || features.scalar_type() != at::kDouble,
-              "features: float64 is supported on CPU only, got float64 on ", features.device());
-}
-
 // What every pass computes the same way: local targets, norms, the target distances d_iy.
 struct Setup {
   Targets targets;
@@ -240,9 +234,9 @@ at::Tensor c_contrastive(const at::Tensor& features, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor> c_contrastive_backward(
     const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
     const at::Tensor& labels, double pos_margin, double neg_margin, int64_t ignore_index,
-    int64_t class_start, int64_t num_classes) {
+    int64_t class_start, int64_t num_classes, bool check_data) {
   check_contrastive_args(features, weight, labels, pos_margin, neg_margin, ignore_index,
-                         class_start, num_classes);
+                         class_start, num_classes, check_data);
   check_per_sample("grad_loss", grad_loss, features);
   check_float64_on_cpu(features);
   const c10::DeviceGuard guard(features.device());
@@ -297,9 +291,10 @@ std::tuple<at::Tensor, at::Tensor> c_triplet_forward(
 std::tuple<at::Tensor, at::Tensor> c_triplet_backward(
     const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
     const at::Tensor& labels, const at::Tensor& hardest, double margin, bool hardest_only,
-    bool center, int64_t ignore_index, int64_t class_start, int64_t num_classes) {
+    bool center, int64_t ignore_index, int64_t class_start, int64_t num_classes,
+    bool check_data) {
   check_triplet_backward_args(grad_loss, features, weight, labels, hardest, margin, hardest_only,
-                              ignore_index, class_start, num_classes);
+                              ignore_index, class_start, num_classes, check_data);
   check_float64_on_cpu(features);
   const c10::DeviceGuard guard(features.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -358,8 +353,9 @@ at::Tensor center_loss(const at::Tensor& features, const at::Tensor& weight,
 // Gc_iy = -2 g: one row of W per sample.
 std::tuple<at::Tensor, at::Tensor> center_loss_backward(
     const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
-    const at::Tensor& labels, int64_t ignore_index, int64_t class_start, int64_t num_classes) {
-  check_agent_args(features, weight, labels, ignore_index, class_start, num_classes);
+    const at::Tensor& labels, int64_t ignore_index, int64_t class_start, int64_t num_classes,
+    bool check_data) {
+  check_agent_args(features, weight, labels, ignore_index, class_start, num_classes, check_data);
   check_per_sample("grad_loss", grad_loss, features);
   check_float64_on_cpu(features);
   const c10::DeviceGuard guard(features.device());

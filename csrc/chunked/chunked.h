@@ -50,10 +50,6 @@ std::string set_cpu_path(const std::string& path);
 // The chunk plan and its GEMMs
 // ---------------------------------------------------------------------------------------------
 
-inline at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 inline bool is_16bit(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
 // One worker's chunk buffers and GEMMs.
@@ -193,14 +189,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_backward(
     const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& features,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
     const at::Tensor& lse, double m1, double m2, double m3, double lam, bool normalize_features,
-    bool normalize_weight, int64_t ignore_index, int64_t class_start, int64_t num_classes);
+    bool normalize_weight, int64_t ignore_index, int64_t class_start, int64_t num_classes,
+    bool check_data);
 at::Tensor c_contrastive(const at::Tensor& features, const at::Tensor& weight,
                          const at::Tensor& labels, double pos_margin, double neg_margin,
                          int64_t ignore_index, int64_t class_start, int64_t num_classes);
 std::tuple<at::Tensor, at::Tensor> c_contrastive_backward(
     const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
     const at::Tensor& labels, double pos_margin, double neg_margin, int64_t ignore_index,
-    int64_t class_start, int64_t num_classes);
+    int64_t class_start, int64_t num_classes, bool check_data);
 std::tuple<at::Tensor, at::Tensor> c_triplet_forward(
     const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels, double margin,
     bool hardest_only, bool center, int64_t ignore_index, int64_t class_start,
@@ -208,13 +205,14 @@ std::tuple<at::Tensor, at::Tensor> c_triplet_forward(
 std::tuple<at::Tensor, at::Tensor> c_triplet_backward(
     const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
     const at::Tensor& labels, const at::Tensor& hardest, double margin, bool hardest_only,
-    bool center, int64_t ignore_index, int64_t class_start, int64_t num_classes);
+    bool center, int64_t ignore_index, int64_t class_start, int64_t num_classes, bool check_data);
 at::Tensor center_loss(const at::Tensor& features, const at::Tensor& weight,
                        const at::Tensor& labels, int64_t ignore_index, int64_t class_start,
                        int64_t num_classes);
 std::tuple<at::Tensor, at::Tensor> center_loss_backward(
     const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
-    const at::Tensor& labels, int64_t ignore_index, int64_t class_start, int64_t num_classes);
+    const at::Tensor& labels, int64_t ignore_index, int64_t class_start, int64_t num_classes,
+    bool check_data);
 at::Tensor l2_normalize(const at::Tensor& x, double eps);
 at::Tensor l2_normalize_backward(const at::Tensor& grad, const at::Tensor& x, double eps);
 

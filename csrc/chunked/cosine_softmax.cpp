@@ -18,12 +18,6 @@ namespace normface {
 namespace chunked {
 namespace {
 
-// float64 is served on the CPU only (contract: it is there for gradcheck).
-void check_float64_on_cpu(const at::Tensor& features) {
-  TORCH_CHECK(features.is_cpu() || features.scalar_type() != at::kDouble,
-              "features: float64 is supported on CPU only, got float64 on ", features.device());
-}
-
 // What both passes compute the same way from the same inputs (so the backward's logits are
 // bit-identical to the forward's): local targets, norms, the row table.
 struct Setup {
@@ -44,7 +38,11 @@ struct Setup {
     terms.scale = device_scale(scale, f, acc);
     terms.table = at::empty({kSoftmaxRowFields, f.size(0)}, inv_nf.options());
     NF_ON_DEVICE(f, softmax_rows, cos_y, targets.target, nf, nw, terms.scale, mg, terms.table);
-    if (mg.normalize_weight) terms.col_factor = inv_nw;
+    // B_j: 1/||W_j||, or common.h unnormalized_factor (1, NaN for an infinite norm).
+    terms.col_factor = mg.normalize_weight
+                           ? inv_nw
+                           : at::where(at::isfinite(nw), at::ones_like(nw),
+                                       at::full_like(nw, std::numeric_limits<double>::quiet_NaN()));
   }
 
   at::Tensor field(SoftmaxRowField k) const { return terms.table[k]; }
@@ -97,9 +95,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_backward(
     const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& features,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
     const at::Tensor& lse, double m1, double m2, double m3, double lam, bool normalize_features,
-    bool normalize_weight, int64_t ignore_index, int64_t class_start, int64_t num_classes) {
+    bool normalize_weight, int64_t ignore_index, int64_t class_start, int64_t num_classes,
+    bool check_data) {
   check_softmax_backward_args(grad_loss, grad_lse, features, weight, labels, scale, lse, m1, m2,
-                              m3, lam, ignore_index, class_start, num_classes);
+                              m3, lam, ignore_index, class_start, num_classes, check_data);
   check_float64_on_cpu(features);
   const c10::DeviceGuard guard(features.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;

@@ -257,7 +257,7 @@ void softmax_rows(const at::Tensor& cos_y, const at::Tensor& target, const at::T
     const T s = *scale.data_ptr<T>();
     T* out = table.data_ptr<T>();
     for (int64_t i = 0; i < B; ++i) {
-      const T A = mg.normalize_features ? T(1) / nfp[i] : T(1);
+      const T A = mg.normalize_features ? T(1) / nfp[i] : unnormalized_factor(nfp[i]);
       const T a = mg.normalize_features ? T(1) : nfp[i];
       T t = 0, dt = 0, by = 0, v = 0, tmc = 0;
       const int64_t y = yp[i];

@@ -17,17 +17,13 @@
 
 #include <cstdint>
 
+#include "common.h"  // Margins
+
 namespace normface {
 namespace chunked {
 
-// Margins of the cosine softmax (contract "Cosine softmax with margins").
-struct Margins {
-  double m1, m2, m3, lam;
-  bool normalize_features, normalize_weight;
-};
-
 // Columns of the per-row table of the softmax (softmax_rows), each (B,):
-//   kRow   A_i = 1/||f_i|| (normalize_features) or 1   -- z_ij = s A_i B_j S_ij off target
+//   kRow   A_i = 1/||f_i|| or unnormalized_factor      -- z_ij = s A_i B_j S_ij off target
 //   kZ     z_iy = s v_iy, the target logit               (0 without a local target)
 //   kV     v_iy = a_i b_y t_i                            (dz_iy / ds)
 //   kDt    dt_i/dcos_iy (common.h margin_target)
@@ -40,7 +36,7 @@ enum SoftmaxRowField : int64_t { kRow, kZ, kV, kDt, kTmc, kA, kBy, kSoftmaxRowFi
 struct SoftmaxTerms {
   at::Tensor target;      // (B,) int64
   at::Tensor table;       // (kSoftmaxRowFields, B), softmax_rows
-  at::Tensor col_factor;  // (C,) B_j = 1/||W_j|| (normalize_weight), or undefined for 1
+  at::Tensor col_factor;  // (C,) B_j = 1/||W_j||, or common.h unnormalized_factor(||W_j||)
   at::Tensor scale;       // 0-dim s
   // Backward only.
   at::Tensor lse;         // (B,) saved logsumexp

@@ -317,9 +317,9 @@ at::Tensor c_contrastive_cpu(const at::Tensor& features, const at::Tensor& weigh
 std::tuple<at::Tensor, at::Tensor> c_contrastive_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
     const at::Tensor& labels, double pos_margin, double neg_margin, int64_t ignore_index,
-    int64_t class_start, int64_t num_classes) {
+    int64_t class_start, int64_t num_classes, bool check_data) {
   check_contrastive_args(features, weight, labels, pos_margin, neg_margin, ignore_index,
-                         class_start, num_classes);
+                         class_start, num_classes, check_data);
   check_per_sample("grad_loss", grad_loss, features);
   std::tuple<at::Tensor, at::Tensor> out;
   NF_DISPATCH(features, "c_contrastive_backward", [&] {
@@ -345,9 +345,10 @@ std::tuple<at::Tensor, at::Tensor> c_triplet_forward_cpu(
 std::tuple<at::Tensor, at::Tensor> c_triplet_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
     const at::Tensor& labels, const at::Tensor& hardest, double margin, bool hardest_only,
-    bool center, int64_t ignore_index, int64_t class_start, int64_t num_classes) {
+    bool center, int64_t ignore_index, int64_t class_start, int64_t num_classes,
+    bool check_data) {
   check_triplet_backward_args(grad_loss, features, weight, labels, hardest, margin, hardest_only,
-                              ignore_index, class_start, num_classes);
+                              ignore_index, class_start, num_classes, check_data);
   std::tuple<at::Tensor, at::Tensor> out;
   NF_DISPATCH(features, "c_triplet_backward", [&] {
     out = triplet_backward<scalar_t>(grad_loss, features, weight, labels, hardest, margin,
@@ -369,8 +370,9 @@ at::Tensor center_loss_cpu(const at::Tensor& features, const at::Tensor& weight,
 
 std::tuple<at::Tensor, at::Tensor> center_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
-    const at::Tensor& labels, int64_t ignore_index, int64_t class_start, int64_t num_classes) {
-  check_agent_args(features, weight, labels, ignore_index, class_start, num_classes);
+    const at::Tensor& labels, int64_t ignore_index, int64_t class_start, int64_t num_classes,
+    bool check_data) {
+  check_agent_args(features, weight, labels, ignore_index, class_start, num_classes, check_data);
   check_per_sample("grad_loss", grad_loss, features);
   std::tuple<at::Tensor, at::Tensor> out;
   NF_DISPATCH(features, "center_loss_backward", [&] {

@@ -16,11 +16,6 @@ namespace normface {
 namespace cpu {
 namespace {
 
-struct Margins {
-  double m1, m2, m3, lam;
-  bool normalize_features, normalize_weight;
-};
-
 // Everything both passes compute once per call (kernels.md "Norms, once per call" and "Target
 // logit"): O(B*D + C) memory.
 template <typename scalar_t>
@@ -324,9 +319,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& features,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
     const at::Tensor& lse, double m1, double m2, double m3, double lam, bool normalize_features,
-    bool normalize_weight, int64_t ignore_index, int64_t class_start, int64_t num_classes) {
+    bool normalize_weight, int64_t ignore_index, int64_t class_start, int64_t num_classes,
+    bool check_data) {
   check_softmax_backward_args(grad_loss, grad_lse, features, weight, labels, scale, lse, m1, m2,
-                              m3, lam, ignore_index, class_start, num_classes);
+                              m3, lam, ignore_index, class_start, num_classes, check_data);
   const Margins mg{m1, m2, m3, lam, normalize_features, normalize_weight};
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),

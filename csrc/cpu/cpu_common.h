@@ -27,12 +27,6 @@
 namespace normface {
 namespace cpu {
 
-// contract "Shapes and conventions": accumulate in float32, or float64 for float64 inputs; losses,
-// lse come back in this dtype.
-inline at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // The class walk of every dense op (kernels.md): classes in blocks; the blocks are cut into
 // `workers` contiguous ranges, one per thread, each with its own scratch and partial results that
 // are merged once at the end. One parallel region per call (no barrier per block, which costs

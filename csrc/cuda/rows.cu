@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= B) return;
   const float s = *scale;
-  const float A = mg.normalize_features ? 1.f / nf[i] : 1.f;
+  const float A = mg.normalize_features ? 1.f / nf[i] : unnormalized_factor(nf[i]);
   const float a = mg.normalize_features ? 1.f : nf[i];
   float t = 0.f, dt = 0.f, by = 0.f, v = 0.f, tmc = 0.f;
   const int64_t y = target[i];

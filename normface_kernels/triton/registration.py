@@ -7,7 +7,8 @@ Two kinds of loss op (autograd and the composites are in autograd.py):
   forward's work (docs/kernels.md). need_grad=False skips the (B, D) accumulator.
 - the schemas of the C++ ops (csrc/registration.cpp): `triton_cosine_softmax_forward`,
   `triton_c_contrastive`, `triton_c_triplet_forward` are composites over the training ops;
-  `triton_*_backward` take only the inputs, so they run the forward's statistics again.
+  `triton_*_backward` take only the inputs, so they run the forward's statistics again; their
+  check_data=False skips the data checks, as the C++ ops' does.
 Each op checks its arguments first (normface_kernels/checks.py; contract "Bad input"); the backward
 ops skip the data checks (no host sync: their forward checked the same labels).
 """
@@ -148,12 +149,13 @@ def triton_cosine_softmax_backward(grad_loss: Tensor, grad_lse: Tensor, features
                                    weight: Tensor, labels: Tensor, scale: Tensor, lse: Tensor,
                                    m1: float, m2: float, m3: float, lam: float,
                                    normalize_features: bool, normalize_weight: bool,
-                                   ignore_index: int, class_start: int,
-                                   num_classes: int) -> Tuple3:
+                                   ignore_index: int, class_start: int, num_classes: int,
+                                   check_data: bool = True) -> Tuple3:
     """The C++ op's schema: runs the forward's statistics again (use the training op pair for
     training). The given lse is used for nothing but its check."""
     m1, m2, m3, lam = check_margins(m1, m2, m3, lam)
-    check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes, scale)
+    check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes, scale,
+                    data=check_data)
     for name, t in (("grad_loss", grad_loss), ("grad_lse", grad_lse), ("lse", lse)):
         check_per_sample(name, t, features)
     _, lse2, stats, ubar, nw = softmax_forward(
@@ -201,10 +203,11 @@ def triton_c_contrastive_backward_saved(grad_loss: Tensor, features: Tensor, wei
 @_define("normface::triton_c_contrastive_backward")
 def triton_c_contrastive_backward(grad_loss: Tensor, features: Tensor, weight: Tensor,
                                   labels: Tensor, pos_margin: float, neg_margin: float,
-                                  ignore_index: int, class_start: int,
-                                  num_classes: int) -> Tuple2:
+                                  ignore_index: int, class_start: int, num_classes: int,
+                                  check_data: bool = True) -> Tuple2:
     pos_margin, neg_margin = _hinge_margins(pos_margin, neg_margin)
-    check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
+    check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
+                    data=check_data)
     check_per_sample("grad_loss", grad_loss, features)
     _, stats, v, nw = c_contrastive_forward(features, weight, labels, pos_margin, neg_margin,
                                             ignore_index, class_start, True)
@@ -257,13 +260,14 @@ def triton_c_triplet_backward_saved(grad_loss: Tensor, features: Tensor, weight:
 @_define("normface::triton_c_triplet_backward")
 def triton_c_triplet_backward(grad_loss: Tensor, features: Tensor, weight: Tensor,
                               labels: Tensor, hardest: Tensor, margin: float, hardest_only: bool,
-                              center: bool, ignore_index: int, class_start: int,
-                              num_classes: int) -> Tuple2:
+                              center: bool, ignore_index: int, class_start: int, num_classes: int,
+                              check_data: bool = True) -> Tuple2:
     margin = check_finite("margin", margin)
-    check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
+    check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
+                    data=check_data)
     check_per_sample("grad_loss", grad_loss, features)
     if hardest_only:
-        check_hardest(hardest, features, weight)
+        check_hardest(hardest, features, weight, data=check_data)
         stats, nw = hardest_hinge(features, weight, labels, hardest, margin, ignore_index,
                                   class_start)
         v = stats.new_empty((0, features.shape[1]))
@@ -285,8 +289,9 @@ def triton_center_loss(features: Tensor, weight: Tensor, labels: Tensor,
 @_define("normface::triton_center_loss_backward")
 def triton_center_loss_backward(grad_loss: Tensor, features: Tensor, weight: Tensor,
                                 labels: Tensor, ignore_index: int, class_start: int,
-                                num_classes: int) -> Tuple2:
-    check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
+                                num_classes: int, check_data: bool = True) -> Tuple2:
+    check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
+                    data=check_data)
     check_per_sample("grad_loss", grad_loss, features)
     return center_loss_backward(grad_loss, features, weight, labels, ignore_index, class_start)
 
