@@ -667,7 +667,7 @@ def test_cosine_logits():
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input, registration, compile, gradient filtering
+# Bad input, NaN input, opcheck, torch.compile
 # ---------------------------------------------------------------------------------------------
 
 def test_bad_labels_and_scale_are_named():
