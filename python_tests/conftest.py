@@ -1,6 +1,7 @@
 """Shared helpers for the test suite: inputs, the contract settings, and the tolerance rule."""
 
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import normface_kernels
+from normface_kernels import reference
 
 # The rows of the contract's table, as keyword arguments of cosine_softmax.
 SPEC_SETTINGS = {
@@ -62,3 +64,11 @@ def assert_low_precision_close(kernel, low_ref, exact, atol, what):
     ref_err = (low_ref - exact).abs().max().item()
     assert err <= 2 * ref_err + atol, (
         f"{what}: error {err:.3g} vs reference-in-low-precision error {ref_err:.3g} (+{atol})")
+
+
+def low_precision_reference():
+    """A context in which normface_kernels.reference computes in its inputs' own dtype instead
+    of float32 / float64: the plain PyTorch implementation in low precision, whose error the
+    tolerance rule (assert_low_precision_close) allows the kernels twice of."""
+    return mock.patch.object(reference, "_acc_dtype", lambda x: x.dtype)
+
