@@ -11,7 +11,7 @@ norm 1e8 in float64, float16 gradients below float16's subnormal range, the swit
 
 import pytest
 import torch
-from conftest import SPEC_SETTINGS, grads, make_inputs
+from conftest import SPEC_SETTINGS, budget_for, grads, make_inputs
 from test_agent_losses import *  # noqa: F401,F403  (re-run on the chunked path)
 from test_agent_losses import AGENT_CASES
 from test_cosine_softmax import *  # noqa: F401,F403
@@ -30,14 +30,6 @@ SMALL_BUDGET = 4096
 def _chunked_cpu():
     with cpu_path("chunked"), chunk_budget(SMALL_BUDGET):
         yield
-
-
-def budget_for(classes, B, D, dtype=torch.float64):
-    """A budget whose chunks hold `classes` classes (chunked.h ChunkWalk::chunk_size: per class
-    and thread, B + D acc values, plus D for a 16-bit W converted to float32)."""
-    acc = 8 if dtype == torch.float64 else 4
-    per_class = (B + D) * acc + (D * acc if dtype in (torch.float16, torch.bfloat16) else 0)
-    return classes * per_class * torch.get_num_threads()
 
 
 def test_switches_return_the_previous_setting():

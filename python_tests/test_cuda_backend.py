@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from conftest import low_precision_reference
+from conftest import budget_for, low_precision_reference
 
 import normface_kernels as nk
 from normface_kernels import reference as ref
@@ -548,18 +548,11 @@ def test_agent_losses_million_classes(case, dtype):
 # The chunked path: chunk boundaries, ignored rows holding NaN, no host sync, float16 scaling
 # ---------------------------------------------------------------------------------------------
 
-def budget_for(classes, B, D, dtype):
-    """A chunk budget whose chunks hold `classes` classes (csrc/chunked ChunkWalk::chunk_size:
-    per class B + D float32 values, plus B 16-bit values for a 16-bit gradient operand)."""
-    per_class = (B + D) * 4 + (B * 2 if dtype in (torch.float16, torch.bfloat16) else 0)
-    return classes * per_class
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("classes", [1, 7, 64])
 def test_chunk_boundaries(dtype, classes):
     # C not a multiple of the chunk: the last chunk is partial; one class per chunk at worst.
-    with chunk_budget(budget_for(classes, 37, 48, dtype)):
+    with chunk_budget(budget_for(classes, 37, 48, dtype, "cuda")):
         run_softmax_case(37, 203, 48, dtype, MARGINS["combined"], NORMALIZE["both"], ignore=4)
         for case in ("c_contrastive_wide", "c_triplet_all_center", "c_triplet_hardest"):
             run_agent_case(case, 37, 203, 48, dtype, ignore=4)
@@ -598,7 +591,7 @@ def test_ignored_rows_holding_nan_contribute_nothing(case):
     keep = y != -100
     s = leaf(torch.tensor(4.0, device="cuda"))
     fl, wl = leaf(f), leaf(w)
-    with chunk_budget(budget_for(16, 20, 32, torch.float32)):
+    with chunk_budget(budget_for(16, 20, 32, torch.float32, "cuda")):
         loss = LOSSES[case](fl, wl, y, s)
         loss.backward()
         s2, f2, w2 = leaf(s), leaf(f[keep]), leaf(w)
@@ -622,7 +615,7 @@ def test_training_step_makes_no_host_sync_with_data_checks_off(case):
     torch.cuda.synchronize()
     previous = nk.set_data_checks(False)
     try:
-        with chunk_budget(budget_for(64, 40, 64, torch.bfloat16)):
+        with chunk_budget(budget_for(64, 40, 64, torch.bfloat16, "cuda")):
             torch.cuda.set_sync_debug_mode("error")
             try:
                 LOSSES[case](fl, wl, y, s).backward()
