@@ -71,11 +71,6 @@ BASELINES = {**{name: "(a) softmax" for name in ROWS},
              **{name: "(a') softmax, trained further" for name in FINETUNED}}
 
 
-def sphereface_lam(step, base=1000.0, gamma=0.12, minimum=5.0):
-    """SphereFace's annealing: lam = max(5, 1000 / (1 + 0.12 step)), from softmax to A-Softmax."""
-    return max(minimum, base / (1.0 + gamma * step))
-
-
 # ---------------------------------------------------------------------------------------------
 # Data: identities made of handwritten digits
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +167,7 @@ def train(model, criterion, batches, *, epochs, batch_size, lr, generator, annea
         for start in range(0, labels.numel(), batch_size):
             batch = order[start:start + batch_size]
             if anneal:
-                criterion.lam = sphereface_lam(step)
+                criterion.lam = nk.sphereface_lambda(step)
             loss = criterion(model(images[batch]), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

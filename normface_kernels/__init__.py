@@ -39,13 +39,13 @@ from .functional import (  # noqa: E402
     set_data_checks,
     softmax_loss_bound,
 )
-from .modules import NormFaceLoss  # noqa: E402
+from .modules import NormFaceLoss, sphereface_lambda  # noqa: E402
 from .chunking import set_chunk_budget, set_cpu_path  # noqa: E402
 
 __all__ = [
     "BACKENDS", "NormFaceLoss", "c_contrastive", "c_triplet", "center_loss", "cosine_logits",
     "cosine_softmax", "data_checks_enabled", "has_cuda_kernels", "has_triton", "l2_normalize",
     "scale_for_loss", "set_chunk_budget", "set_cpu_path", "set_data_checks",
-    "softmax_loss_bound",
+    "softmax_loss_bound", "sphereface_lambda",
 ]
 __version__ = "0.1.0"

@@ -201,3 +201,10 @@ class NormFaceLoss(nn.Module):
         return (f"embedding_size={d}, num_classes={c}, loss={self.loss!r}, "
                 f"margins=({self.m1}, {self.m2}, {self.m3}), aux={self.aux!r}, "
                 f"backend={self.backend!r}")
+
+
+def sphereface_lambda(step, base=1000.0, gamma=0.12, minimum=5.0):
+    """SphereFace's annealing of ``lam`` (the SphereFace paper's schedule and defaults):
+    lam = max(minimum, base / (1 + gamma * step)), from 1000 (almost the plain softmax) down to
+    5. Set ``criterion.lam = sphereface_lambda(step)`` before each training step."""
+    return max(minimum, base / (1.0 + gamma * step))

@@ -123,9 +123,24 @@ def _register_fakes(prefix):
 # Labels and the float/int/bool parameters get no gradient.
 # ---------------------------------------------------------------------------------------------
 
-def _grad_or_zeros(grad, like):
+def grad_or_zeros(grad, like):
     """Upstream gradients may be None (output unused) or expanded views (from .sum())."""
     return torch.zeros_like(like) if grad is None else grad.contiguous()
+
+
+def normalize_autograd(backward_op):
+    """(backward, setup_context) of an l2_normalize op (eq. 4) whose backward op is
+    backward_op(grad, x, eps); the Triton op's too (triton/autograd.py)."""
+    def setup(ctx, inputs, output):
+        x, eps = inputs
+        ctx.save_for_backward(x)
+        ctx.eps = eps
+
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return backward_op(grad.contiguous(), x, ctx.eps), None
+
+    return backward, setup
 
 
 def register_autograd_family(prefix=""):
@@ -137,17 +152,8 @@ def register_autograd_family(prefix=""):
         return getattr(ops, prefix + name)
 
     # l2_normalize: eq. 4.
-    def setup_normalize(ctx, inputs, output):
-        x, eps = inputs
-        ctx.save_for_backward(x)
-        ctx.eps = eps
-
-    def backward_normalize(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return backward_op("l2_normalize_backward")(grad.contiguous(), x, ctx.eps), None
-
-    torch.library.register_autograd(ns + "l2_normalize", backward_normalize,
-                                    setup_context=setup_normalize)
+    backward, setup = normalize_autograd(backward_op("l2_normalize_backward"))
+    torch.library.register_autograd(ns + "l2_normalize", backward, setup_context=setup)
 
     # cosine_softmax_forward: both outputs (loss, lse) are differentiable.
     def setup_softmax(ctx, inputs, output):
@@ -158,7 +164,7 @@ def register_autograd_family(prefix=""):
     def backward_softmax(ctx, grad_loss, grad_lse):
         features, weight, labels, scale, lse = ctx.saved_tensors
         grad_f, grad_w, grad_s = backward_op("cosine_softmax_backward")(
-            _grad_or_zeros(grad_loss, lse), _grad_or_zeros(grad_lse, lse), features, weight,
+            grad_or_zeros(grad_loss, lse), grad_or_zeros(grad_lse, lse), features, weight,
             labels, scale, lse, *ctx.params, False)
         needs = ctx.needs_input_grad
         return ((grad_f if needs[0] else None, grad_w if needs[1] else None, None,
@@ -178,7 +184,7 @@ def register_autograd_family(prefix=""):
         def backward(ctx, grad_loss, *unused):
             saved = ctx.saved_tensors
             grad_f, grad_w = backward_op(backward_name)(
-                _grad_or_zeros(grad_loss, _per_sample(saved[0])), *saved, *ctx.params, False)
+                grad_or_zeros(grad_loss, _per_sample(saved[0])), *saved, *ctx.params, False)
             needs = ctx.needs_input_grad
             return ((grad_f if needs[0] else None, grad_w if needs[1] else None, None)
                     + (None,) * len(ctx.params))

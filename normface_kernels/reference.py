@@ -74,29 +74,63 @@ def _keep_valid_rows(features, labels, ignore_index):
                                                              device=features.device)), valid
 
 
+def softmax_logits(features, weight, labels, scale, *, m1=1.0, m2=0.0, m3=0.0, lam=0.0,
+                   normalize_features=True, normalize_weight=True, ignore_index=-100,
+                   class_start=0, columns=None, acc=None, eps=1e-12):
+    """The logits of the contract ("Cosine softmax ..."): z_ij = s a_i b_j cos_ij, and in the
+    target column z_iy = s a_i b_y t_i.
+
+    weight (C, D) holds the classes class_start .. class_start + C - 1 (a shard of the classes,
+    as the ops' class_start / num_classes take it; all of them by default). columns (K,) picks
+    rows of weight (local indices; default all). Computed in `acc` (default the accumulation
+    dtype: float32, float64 for float64 inputs). Returns z (B, K), z_y (B,) and has (B,): the
+    row's label is not ignore_index and is a class of this weight (only those rows have a target
+    column; z_y means nothing elsewhere).
+    """
+    acc = _acc_dtype(features) if acc is None else acc
+    f, w = features.to(acc), weight.to(acc)
+    s = scale.to(acc) if torch.is_tensor(scale) else scale
+    f_norm, w_norm = _norm(f, eps), _norm(w, eps)          # (B, 1), (C, 1)
+    f_unit, w_unit = f / f_norm, w / w_norm
+    a = torch.ones_like(f_norm) if normalize_features else f_norm
+    b = torch.ones_like(w_norm) if normalize_weight else w_norm
+
+    local = labels - class_start
+    has = (labels != ignore_index) & (local >= 0) & (local < weight.shape[0])
+    y = torch.where(has, local, torch.zeros_like(local))
+    # (B, 1); a batched product, so it rounds as the (B, C) product does (16-bit: float32 sums)
+    cos_y = (f_unit[:, None, :] @ w_unit[y][:, :, None])[:, 0]
+    t = (lam * cos_y + psi(cos_y, m1, m2, m3)) / (1.0 + lam)
+    z_y = s * a * b[y] * t                                 # (B, 1)
+
+    cols = slice(None) if columns is None else columns
+    ids = torch.arange(weight.shape[0], device=weight.device) if columns is None else columns
+    z = s * a * b[cols].t() * (f_unit @ w_unit[cols].t())  # (B, K)
+    target = (y[:, None] == ids[None, :]) & has[:, None]
+    return torch.where(target, z_y, z), z_y[:, 0], has
+
+
+def softmax_loss_lse(features, weight, labels, scale, *, ignore_index=-100, **kwargs):
+    """(loss, lse), (B,) each, as the op cosine_softmax_forward returns them: lse_i the
+    logsumexp of z over the classes of weight, for every row (ignored ones included);
+    loss_i = lse_i - z_iy, or lse_i alone when the target is in another shard, and 0 for an
+    ignored row. Keyword arguments of softmax_logits (but columns)."""
+    z, z_y, has = softmax_logits(features, weight, labels, scale, ignore_index=ignore_index,
+                                 **kwargs)
+    lse = torch.logsumexp(z, dim=1)
+    loss = lse - torch.where(has, z_y, torch.zeros_like(z_y))
+    return torch.where(labels != ignore_index, loss, torch.zeros_like(loss)), lse
+
+
 def cosine_softmax(features, weight, labels, scale=30.0, *, m1=1.0, m2=0.0, m3=0.0, lam=0.0,
                    normalize_features=True, normalize_weight=True, ignore_index=-100, eps=1e-12):
     """Per-sample loss_i = logsumexp_j z_ij - z_iy (contract: "Cosine softmax ..."), (B,)."""
-    acc = _acc_dtype(features)
-    features, valid = _keep_valid_rows(features, labels, ignore_index)
-    f = features.to(acc)
-    w = weight.to(acc)
-    f_norm = _norm(f, eps)                       # (B, 1)
-    w_norm = _norm(w, eps)                       # (C, 1)
-    cos = (f / f_norm) @ (w / w_norm).t()        # (B, C)
-    a = torch.ones_like(f_norm) if normalize_features else f_norm
-    b = torch.ones_like(w_norm) if normalize_weight else w_norm
-    s = scale.to(acc) if torch.is_tensor(scale) else scale
-
-    y = torch.where(valid, labels, torch.zeros_like(labels))
-    cos_y = cos.gather(1, y[:, None])            # (B, 1)
-    t = (lam * cos_y + psi(cos_y, m1, m2, m3)) / (1.0 + lam)
-    z = s * a * b.t() * cos                      # (B, C)
-    z_y = s * a * b[y] * t                       # (B, 1)
-    onehot = torch.nn.functional.one_hot(y, weight.shape[0]).to(torch.bool)
-    z = torch.where(onehot, z_y.expand_as(z), z)
-    loss = torch.logsumexp(z, dim=1) - z_y[:, 0]
-    return torch.where(valid, loss, torch.zeros_like(loss))
+    features, _ = _keep_valid_rows(features, labels, ignore_index)
+    loss, _ = softmax_loss_lse(features, weight, labels, scale, m1=m1, m2=m2, m3=m3, lam=lam,
+                               normalize_features=normalize_features,
+                               normalize_weight=normalize_weight, ignore_index=ignore_index,
+                               eps=eps)
+    return loss
 
 
 def _agent_distance(features, weight, eps):

@@ -1,6 +1,8 @@
-"""Shared helpers for the test suite: inputs, the contract settings, and the tolerance rule."""
+"""Shared helpers for the test suite: inputs, the contract settings, the tolerance rule, and the
+chunk budget of the chunked path."""
 
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import normface_kernels
+from normface_kernels import reference
 
 # The rows of the contract's table, as keyword arguments of cosine_softmax.
 SPEC_SETTINGS = {
@@ -62,3 +65,24 @@ def assert_low_precision_close(kernel, low_ref, exact, atol, what):
     ref_err = (low_ref - exact).abs().max().item()
     assert err <= 2 * ref_err + atol, (
         f"{what}: error {err:.3g} vs reference-in-low-precision error {ref_err:.3g} (+{atol})")
+
+
+def low_precision_reference():
+    """A context in which normface_kernels.reference computes in its inputs' own dtype instead
+    of float32 / float64: the plain PyTorch implementation in low precision, whose error the
+    tolerance rule (assert_low_precision_close) allows the kernels twice of."""
+    return mock.patch.object(reference, "_acc_dtype", lambda x: x.dtype)
+
+
+def budget_for(classes, B, D, dtype=torch.float64, device="cpu"):
+    """A chunk budget (set_chunk_budget) whose chunks hold `classes` classes: the rule of
+    csrc/chunked/plan.cpp ChunkWalk::chunk_size (exact below 256 classes, where it does not round
+    the width to a multiple of 128). Per class: B + D values of the accumulation dtype, plus for
+    16-bit inputs B 16-bit values on CUDA (the 16-bit P operand) or D float32 values on the CPU
+    (the W chunk converted to float32); on the CPU every thread has its own buffers."""
+    acc = reference._acc_dtype(torch.empty((), dtype=dtype)).itemsize
+    per_class = (B + D) * acc
+    if dtype in (torch.float16, torch.bfloat16):
+        per_class += B * dtype.itemsize if torch.device(device).type == "cuda" else D * acc
+    threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    return classes * per_class * threads

@@ -11,7 +11,7 @@ norm 1e8 in float64, float16 gradients below float16's subnormal range, the swit
 
 import pytest
 import torch
-from conftest import SPEC_SETTINGS, grads, make_inputs
+from conftest import SPEC_SETTINGS, budget_for, grads, make_inputs
 from test_agent_losses import *  # noqa: F401,F403  (re-run on the chunked path)
 from test_agent_losses import AGENT_CASES
 from test_cosine_softmax import *  # noqa: F401,F403
@@ -30,14 +30,6 @@ SMALL_BUDGET = 4096
 def _chunked_cpu():
     with cpu_path("chunked"), chunk_budget(SMALL_BUDGET):
         yield
-
-
-def budget_for(classes, B, D, dtype=torch.float64):
-    """A budget whose chunks hold `classes` classes (chunked.h ChunkWalk::chunk_size: per class
-    and thread, B + D acc values, plus D for a 16-bit W converted to float32)."""
-    acc = 8 if dtype == torch.float64 else 4
-    per_class = (B + D) * acc + (D * acc if dtype in (torch.float16, torch.bfloat16) else 0)
-    return classes * per_class * torch.get_num_threads()
 
 
 def test_switches_return_the_previous_setting():
@@ -95,26 +87,6 @@ def test_chunk_boundaries(classes, C):
 # Shards and grad_lse through the ops
 # ---------------------------------------------------------------------------------------------
 
-def softmax_loss_lse(f, w, y, s, *, class_start=0, m1=1.0, m2=0.0, m3=0.0, lam=0.0,
-                     normalize_features=True, normalize_weight=True):
-    """(loss, lse) of one shard of the classes, in plain float64 PyTorch (registration.cpp)."""
-    fn, wn = reference._norm(f, 1e-12), reference._norm(w, 1e-12)
-    cos = (f / fn) @ (w / wn).t()
-    a = torch.ones_like(fn) if normalize_features else fn
-    b = torch.ones_like(wn) if normalize_weight else wn
-    local = y - class_start
-    has = (y != -100) & (local >= 0) & (local < w.shape[0])
-    yy = torch.where(has, local, torch.zeros_like(local))
-    t = (lam * cos.gather(1, yy[:, None]) + reference.psi(cos.gather(1, yy[:, None]), m1, m2, m3))
-    z_y = s * a * b[yy] * t / (1.0 + lam)
-    z = s * a * b.t() * cos
-    onehot = torch.nn.functional.one_hot(yy, w.shape[0]).bool() & has[:, None]
-    z = torch.where(onehot, z_y.expand_as(z), z)
-    lse = torch.logsumexp(z, dim=1)
-    own = torch.where(has, lse - z_y[:, 0], lse)
-    return torch.where(y != -100, own, torch.zeros_like(own)), lse
-
-
 @pytest.mark.parametrize("name", ["arcface", "sphereface_normalized", "l_softmax",
                                   "l2_softmax_features_only", "a_softmax_weight_only"])
 @pytest.mark.parametrize("shard", [(0, 23), (5, 14), (14, 23)])
@@ -136,7 +108,7 @@ def test_softmax_shard_with_grad_lse(name, shard):
         return (loss * gl + lse * ge).sum(), loss, lse
 
     def exact():
-        loss, lse = softmax_loss_lse(f, w, y, s, class_start=start, **setting)
+        loss, lse = reference.softmax_loss_lse(f, w, y, s, class_start=start, **setting)
         return (loss * gl + lse * ge).sum(), loss, lse
 
     total, loss, lse = ours()

@@ -11,11 +11,11 @@ of the compared tensor).
 Skipped without a CUDA device. Run: pytest python_tests/test_cuda_backend.py [-m "not slow"]
 """
 
-import contextlib
 import math
 
 import pytest
 import torch
+from conftest import budget_for, low_precision_reference
 
 import normface_kernels as nk
 from normface_kernels import reference as ref
@@ -71,18 +71,6 @@ def check(name, out, exact, plain, dtype, floor=0.0):
     bound = 2.0 * base + ATOL[dtype] * max(mag, floor) + 1e-12
     assert err <= bound, (f"{name} ({dtype}): max error {err:.3g} > bound {bound:.3g} "
                           f"(plain low-precision error {base:.3g}, max |exact| {mag:.3g})")
-
-
-@contextlib.contextmanager
-def low_precision_reference():
-    """reference.py with its accumulation dtype replaced by the input dtype: the plain PyTorch
-    computation in low precision that STYLE.md's tolerance rule compares against."""
-    saved = ref._acc_dtype
-    ref._acc_dtype = lambda x: x.dtype
-    try:
-        yield
-    finally:
-        ref._acc_dtype = saved
 
 
 def make_inputs(B, C, D, dtype, *, seed=0, ignore=0, near=0.5, feature_scale=3.0):
@@ -174,34 +162,6 @@ NORMALIZE = {
 }
 
 
-def softmax_loss_lse(f, w, y, s, acc, *, m1=1.0, m2=0.0, m3=0.0, lam=0.0,
-                     normalize_features=True, normalize_weight=True, ignore_index=-100,
-                     class_start=0, eps=1e-12):
-    """(loss, lse) of the contract in dtype `acc`, written as reference.cosine_softmax is (plus lse,
-    class shards). acc=float64: the exact answer; acc=input dtype: the plain low-precision one."""
-    f, w = f.to(acc), w.to(acc)
-    s = s.to(acc) if torch.is_tensor(s) else s
-    fn, wn = ref._norm(f, eps), ref._norm(w, eps)
-    cos = (f / fn) @ (w / wn).t()
-    a = torch.ones_like(fn) if normalize_features else fn
-    b = torch.ones_like(wn) if normalize_weight else wn
-    local = y - class_start
-    has = (y != ignore_index) & (local >= 0) & (local < w.shape[0])
-    yy = torch.where(has, local, torch.zeros_like(local))
-    cos_y = cos.gather(1, yy[:, None])
-    t = (lam * cos_y + ref.psi(cos_y, m1, m2, m3)) / (1.0 + lam)
-    z = s * a * b.t() * cos
-    z_y = s * a * b[yy] * t
-    onehot = torch.nn.functional.one_hot(yy, w.shape[0]).to(torch.bool) & has[:, None]
-    z = torch.where(onehot, z_y.expand_as(z), z)
-    lse = torch.logsumexp(z, dim=1)
-    # A valid row whose target is in another shard: loss = local lse (no target column here).
-    valid = y != ignore_index
-    loss = torch.where(valid, lse - torch.where(has, z_y[:, 0], torch.zeros_like(lse)),
-                       torch.zeros_like(lse))
-    return loss, lse
-
-
 def softmax_grad_floors(f, w, scale, g, normalize_features=True, normalize_weight=True):
     """Natural sizes of (loss, grad_f, grad_w, grad_s): s g a b / ||x|| for the gradients."""
     nf, nw = f.double().norm(dim=1), w.double().norm(dim=1)
@@ -229,7 +189,7 @@ def run_softmax_case(B, C, D, dtype, margins, normalize, *, ignore=0, seed=0, sc
 
     def exact_fn(acc):
         def fn(fl, wl, sl):
-            loss, lse = softmax_loss_lse(fl, wl, y, sl, acc, **kw)
+            loss, lse = ref.softmax_loss_lse(fl, wl, y, sl, acc=acc, **kw)
             return loss + lse * (ge / gl).to(acc)
         return fn
 
@@ -245,8 +205,8 @@ def run_softmax_case(B, C, D, dtype, margins, normalize, *, ignore=0, seed=0, sc
 
     # The op's own loss and lse, and the public loss against reference.py itself.
     loss, lse = ops.cosine_softmax_forward(f, w, y, s32, *params, -100, 0, -1)
-    e_loss, e_lse = softmax_loss_lse(f, w, y, s32, torch.float64, **kw)
-    p_loss, p_lse = softmax_loss_lse(f, w, y, s32, dtype, **kw)
+    e_loss, e_lse = ref.softmax_loss_lse(f, w, y, s32, acc=torch.float64, **kw)
+    p_loss, p_lse = ref.softmax_loss_lse(f, w, y, s32, acc=dtype, **kw)
     check("loss", loss, e_loss, p_loss, dtype)
     check("lse", lse, e_lse, p_lse, dtype)
     assert loss.dtype == torch.float32 and lse.dtype == torch.float32
@@ -321,7 +281,7 @@ def test_arcface_near_zero_and_pi(dtype, theta):
     gl = upstream(B)
 
     def fn(acc):
-        return lambda fl, wl, sl: softmax_loss_lse(fl, wl, y, sl, acc, m2=0.5)[0]
+        return lambda fl, wl, sl: ref.softmax_loss_lse(fl, wl, y, sl, acc=acc, m2=0.5)[0]
 
     out = per_sample_grads(lambda fl, wl, sl: ops.cosine_softmax_forward(
         fl, wl, y, sl, *params, -100, 0, -1)[0], leaf(f), leaf(w), gl, leaf(s))
@@ -371,7 +331,8 @@ def test_cosine_softmax_class_shards_merge_exactly():
     lses, owner_loss, owner_lse = [], torch.zeros_like(full_loss), torch.zeros_like(full_lse)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         loss, lse = ops.cosine_softmax_forward(f, w[lo:hi], y, s, *params, -100, lo, 300)
-        e_loss, e_lse = softmax_loss_lse(f, w[lo:hi], y, s, torch.float64, m2=0.5, class_start=lo)
+        e_loss, e_lse = ref.softmax_loss_lse(f, w[lo:hi], y, s, acc=torch.float64, m2=0.5,
+                                             class_start=lo)
         torch.testing.assert_close(lse.double(), e_lse, rtol=1e-5, atol=1e-4)
         owns = (y >= lo) & (y < hi)
         elsewhere = (y != -100) & ~owns
@@ -587,18 +548,11 @@ def test_agent_losses_million_classes(case, dtype):
 # The chunked path: chunk boundaries, ignored rows holding NaN, no host sync, float16 scaling
 # ---------------------------------------------------------------------------------------------
 
-def budget_for(classes, B, D, dtype):
-    """A chunk budget whose chunks hold `classes` classes (csrc/chunked ChunkWalk::chunk_size:
-    per class B + D float32 values, plus B 16-bit values for a 16-bit gradient operand)."""
-    per_class = (B + D) * 4 + (B * 2 if dtype in (torch.float16, torch.bfloat16) else 0)
-    return classes * per_class
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("classes", [1, 7, 64])
 def test_chunk_boundaries(dtype, classes):
     # C not a multiple of the chunk: the last chunk is partial; one class per chunk at worst.
-    with chunk_budget(budget_for(classes, 37, 48, dtype)):
+    with chunk_budget(budget_for(classes, 37, 48, dtype, "cuda")):
         run_softmax_case(37, 203, 48, dtype, MARGINS["combined"], NORMALIZE["both"], ignore=4)
         for case in ("c_contrastive_wide", "c_triplet_all_center", "c_triplet_hardest"):
             run_agent_case(case, 37, 203, 48, dtype, ignore=4)
@@ -637,7 +591,7 @@ def test_ignored_rows_holding_nan_contribute_nothing(case):
     keep = y != -100
     s = leaf(torch.tensor(4.0, device="cuda"))
     fl, wl = leaf(f), leaf(w)
-    with chunk_budget(budget_for(16, 20, 32, torch.float32)):
+    with chunk_budget(budget_for(16, 20, 32, torch.float32, "cuda")):
         loss = LOSSES[case](fl, wl, y, s)
         loss.backward()
         s2, f2, w2 = leaf(s), leaf(f[keep]), leaf(w)
@@ -661,7 +615,7 @@ def test_training_step_makes_no_host_sync_with_data_checks_off(case):
     torch.cuda.synchronize()
     previous = nk.set_data_checks(False)
     try:
-        with chunk_budget(budget_for(64, 40, 64, torch.bfloat16)):
+        with chunk_budget(budget_for(64, 40, 64, torch.bfloat16, "cuda")):
             torch.cuda.set_sync_debug_mode("error")
             try:
                 LOSSES[case](fl, wl, y, s).backward()

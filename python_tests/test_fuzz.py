@@ -28,7 +28,6 @@ import math
 import os
 import sys
 from types import SimpleNamespace
-from unittest import mock
 
 import pytest
 
@@ -46,6 +45,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st  #
 import normface_kernels as nk  # noqa: E402
 from normface_kernels import reference  # noqa: E402
 from normface_kernels.chunking import chunk_budget, cpu_path  # noqa: E402
+from conftest import low_precision_reference  # noqa: E402
 
 # NaN and inf on purpose: numpy (the Triton interpreter) warns about them.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -187,8 +187,7 @@ def run(case, backend, dtype=None, device="cpu", plain=False):
     name, context = _kernels(backend)
     with context:  # the backward too runs the chunked path's ops
         if backend == "reference":
-            with mock.patch.object(reference, "_acc_dtype", lambda x: x.dtype) if plain else \
-                    contextlib.nullcontext():
+            with low_precision_reference() if plain else contextlib.nullcontext():
                 per = _reference(case.loss)(f, w, y, ignore_index=case.ignore_index, **kwargs)
             out = reference.reduce_loss(per, y, case.ignore_index, case.reduction)
         else:
@@ -201,23 +200,11 @@ def run(case, backend, dtype=None, device="cpu", plain=False):
     return (out.detach().cpu().double(),) + tuple(grads)
 
 
-def _norms(x):
-    return torch.sqrt((x * x).sum(dim=1) + 1e-12)
-
-
 def softmax_logits(case, dtype=torch.float64):
-    """z (B, C) of the contract, float64, from the reference's pieces (for tolerances and gaps)."""
-    k = case.kwargs
+    """z (B, C) of the contract, float64 (for tolerances and gaps), and the valid rows."""
+    k = {key: v for key, v in case.kwargs.items() if key != "learn_scale"}
     f, w = case.f.to(dtype).double(), case.w.to(dtype).double()
-    cos = reference.cosine_logits(f, w, 1.0)
-    a = torch.ones(f.shape[0], dtype=torch.float64) if k["normalize_features"] else _norms(f)
-    b = torch.ones(w.shape[0], dtype=torch.float64) if k["normalize_weight"] else _norms(w)
-    valid = case.y != case.ignore_index
-    yy = torch.where(valid, case.y, torch.zeros_like(case.y))
-    c_y = cos.gather(1, yy[:, None])
-    t = (k["lam"] * c_y + reference.psi(c_y, k["m1"], k["m2"], k["m3"])) / (1.0 + k["lam"])
-    z = k["scale"] * a[:, None] * b[None, :] * cos
-    z = z.scatter(1, yy[:, None], k["scale"] * a[:, None] * b[yy][:, None] * t)
+    z, _, valid = reference.softmax_logits(f, w, case.y, ignore_index=case.ignore_index, **k)
     return z, valid
 
 
@@ -229,7 +216,7 @@ def natural_scales(case, dtype=torch.float64):
     u = {"none": case.upstream, "sum": torch.ones(B, dtype=torch.float64),
          "mean": torch.full((B,), 1.0 / max(1, int(valid.sum())), dtype=torch.float64)}
     u = u[case.reduction] * valid
-    nf, nw = _norms(f), _norms(w)
+    nf, nw = reference._norm(f, 1e-12)[:, 0], reference._norm(w, 1e-12)[:, 0]
     if case.loss == "softmax":
         k = case.kwargs
         z, _ = softmax_logits(case, dtype)

@@ -277,3 +277,12 @@ def test_host_reads_are_recorded():
         x[x > 1]
         torch.tensor(2.0)
     assert len(recorder.reads) == 4, recorder.reads
+
+
+def test_sphereface_lambda_is_the_papers_schedule():
+    """lam = max(5, 1000 / (1 + 0.12 step)): 1000 at the start, decreasing, 5 from step 1659."""
+    lams = [nk.sphereface_lambda(step) for step in range(0, 3000, 7)]
+    assert lams[0] == 1000.0 and lams[-1] == 5.0
+    assert all(a >= b for a, b in zip(lams, lams[1:]))
+    assert nk.sphereface_lambda(100) == pytest.approx(1000.0 / 13.0)
+    assert nk.sphereface_lambda(1658) > 5.0 == nk.sphereface_lambda(1659)

@@ -20,11 +20,6 @@ LN_C = math.log(C)
 SCALE_MAX = 100.0  # sane: well above what any setting here needs (ArcFace's fixed 64)
 
 
-def sphereface_lam(step, base=1000.0, gamma=0.12, minimum=5.0):
-    """SphereFace's annealing of lam (its paper: max(5, 1000 / (1 + 0.12 step)))."""
-    return max(minimum, base / (1.0 + gamma * step))
-
-
 # name -> (module keywords, SGD learning rate, anneal lam). The README's configurations first,
 # then the rows of the contract's table that NormFaceLoss can express. The hinge losses: no scale
 # in front of their gradient, so they get a larger step. Integer m1 on unnormalized features
@@ -76,7 +71,7 @@ def train_toy(kwargs, lr, anneal, *, data=None, steps=STEPS, seed=0):
     losses = []
     for step in range(steps):
         if anneal:
-            criterion.lam = sphereface_lam(step)
+            criterion.lam = nk.sphereface_lambda(step)
         batch = torch.randint(0, labels.numel(), (BATCH,), generator=order)
         loss = criterion(embedding(inputs[batch]), labels[batch])
         optimizer.zero_grad(set_to_none=True)

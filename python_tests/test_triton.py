@@ -9,7 +9,7 @@ The backward is the closed form of docs/kernels.md (grad features, scale and nor
 forward's U and R) plus the class-stationary grad_weight kernel: every test that differentiates
 checks both against the reference.
 The GPU tests at the end (realistic sizes, bf16/fp16 with STYLE.md's tolerance rule) need CUDA.
-Self-sufficient: needs neither conftest helpers nor the C++ extension.
+Needs no C++ extension (the fixture below overrides conftest's check of it).
 """
 
 import functools
@@ -83,37 +83,8 @@ def _assert_close(actual, expected, what, rtol, atol):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference pieces the public reference does not expose: lse (over every row, ignored included,
-# as the op defines it) and a class-chunked fp64 version for the large GPU shapes.
+# A class-chunked fp64 version of the reference for the large GPU shapes
 # ---------------------------------------------------------------------------------------------
-
-def _reference_logits(f, w, y, s, cols, m1, m2, m3, lam, normalize_features, normalize_weight,
-                      ignore_index=-100):
-    """z[:, cols] of the contract (target column replaced by z_iy), accumulation dtype, with grad"""
-    acc = torch.float64 if f.dtype == torch.float64 else torch.float32
-    fa, wa = f.to(acc), w.to(acc)
-    nf = reference._norm(fa, 1e-12)
-    nw = reference._norm(wa, 1e-12)
-    a = torch.ones_like(nf) if normalize_features else nf
-    b = torch.ones_like(nw) if normalize_weight else nw
-    s = s.to(acc) if torch.is_tensor(s) else s
-    valid = y != ignore_index
-    yy = torch.where(valid, y, torch.zeros_like(y))
-    cos_y = ((fa / nf) * (wa[yy] / nw[yy])).sum(1, keepdim=True)
-    t = (lam * cos_y + reference.psi(cos_y, m1, m2, m3)) / (1.0 + lam)
-    z_y = s * a * b[yy] * t
-    wc = wa[cols]
-    z = s * a * b[cols].t() * ((fa / nf) @ (wc / nw[cols]).t())
-    hit = (yy[:, None] == cols[None, :]) & valid[:, None]
-    return torch.where(hit, z_y.expand_as(z), z), z_y[:, 0], valid
-
-
-def _reference_loss_lse(f, w, y, s, **margins):
-    cols = torch.arange(w.shape[0], device=w.device)
-    z, z_y, valid = _reference_logits(f, w, y, s, cols, **margins)
-    lse = torch.logsumexp(z, dim=1)
-    return torch.where(valid, lse - z_y, torch.zeros_like(lse)), lse
-
 
 def _exact_softmax_chunked(f, w, y, scale, wl, we, chunk=65536, **margins):
     """fp64 loss, lse and gradients of sum(wl * loss + we * lse), walking C in chunks (no B x C
@@ -124,44 +95,24 @@ def _exact_softmax_chunked(f, w, y, scale, wl, we, chunk=65536, **margins):
     s64 = torch.tensor(float(scale), dtype=torch.float64, device=f.device, requires_grad=True)
     C = w.shape[0]
     chunks = [torch.arange(c0, min(c0 + chunk, C), device=f.device) for c0 in range(0, C, chunk)]
+
+    def logits(cols):
+        return reference.softmax_logits(f64, w64, y, s64, columns=cols, **margins)
+
     with torch.no_grad():
-        lse = torch.logsumexp(torch.stack(
-            [torch.logsumexp(_reference_logits(f64, w64, y, s64, c, **margins)[0], 1)
-             for c in chunks]), 0)
+        lse = torch.logsumexp(torch.stack([torch.logsumexp(logits(c)[0], 1) for c in chunks]), 0)
     valid = y != -100
     g = torch.where(valid, wl.double(), torch.zeros_like(lse))
     ge = g + we.double()
     for cols in chunks:
-        z, _, _ = _reference_logits(f64, w64, y, s64, cols, **margins)
+        z, _, _ = logits(cols)
         p = torch.exp(z.detach() - lse[:, None])
         (ge[:, None] * p * z).sum().backward()
         del z, p
-    _, z_y, _ = _reference_logits(f64, w64, y, s64, chunks[0][:1], **margins)
+    _, z_y, _ = logits(chunks[0][:1])
     (-(g * z_y).sum()).backward()
     loss = torch.where(valid, lse - z_y.detach(), torch.zeros_like(lse))
     return loss, lse, f64.grad, w64.grad, s64.grad
-
-
-def _plain_low_precision(f, w, y, s, **margins):
-    """The plain PyTorch cosine softmax run entirely in the inputs' dtype (STYLE.md's rule
-    compares the kernel's error with this one's): loss and lse."""
-    m = _margins(margins)
-    nf = f.norm(dim=1, keepdim=True)
-    nw = w.norm(dim=1, keepdim=True)
-    cos = (f / nf) @ (w / nw).t()
-    a = torch.ones_like(nf) if m["normalize_features"] else nf
-    b = torch.ones_like(nw) if m["normalize_weight"] else nw
-    valid = y != -100
-    yy = torch.where(valid, y, torch.zeros_like(y))
-    cos_y = cos.gather(1, yy[:, None])
-    lam = m["lam"]
-    t = (lam * cos_y + reference.psi(cos_y, m["m1"], m["m2"], m["m3"])) / (1.0 + lam)
-    z = s * a * b.t() * cos
-    z_y = s * a * b[yy] * t
-    hit = torch.nn.functional.one_hot(yy, w.shape[0]).bool() & valid[:, None]
-    z = torch.where(hit, z_y.expand_as(z), z)
-    lse = torch.logsumexp(z, dim=1)
-    return torch.where(valid, lse - z_y[:, 0], torch.zeros_like(lse)), lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +135,7 @@ def _softmax_vs_reference(f, w, y, scale, setting, rtol=2e-5, atol=2e-5, seed=7)
     loss, lse = _softmax_op(f, w, y, s, **margins)
     out = torch.autograd.grad((loss * wl).sum() + (lse * we).sum(), (f, w, s))
     s_ref = s.detach().clone().requires_grad_()
-    loss_ref, lse_ref = _reference_loss_lse(f, w, y, s_ref, **margins)
+    loss_ref, lse_ref = reference.softmax_loss_lse(f, w, y, s_ref, **margins)
     ref = torch.autograd.grad((loss_ref * wl).sum() + (lse_ref * we).sum(), (f, w, s_ref))
     _assert_close(loss, loss_ref, "loss", rtol, atol)
     _assert_close(lse, lse_ref, "lse", rtol, atol)
@@ -292,7 +243,7 @@ def test_softmax_class_shards(name):
     wl = _weights(7, 1, torch.float32)
     grads = torch.autograd.grad((loss * wl).sum(), (f, w, s))
     s_ref = s.detach().clone().requires_grad_()
-    loss_ref, _ = _reference_loss_lse(f, w, y, s_ref, **margins)
+    loss_ref, _ = reference.softmax_loss_lse(f, w, y, s_ref, **margins)
     grads_ref = torch.autograd.grad((loss_ref * wl).sum(), (f, w, s_ref))
     _assert_close(loss, loss_ref, "sharded loss", 2e-5, 2e-5)
     for what, a, b in zip(("features", "weight", "scale"), grads, grads_ref):
@@ -323,9 +274,9 @@ def test_softmax_float16_tolerance_rule():
             if impl == "kernel":
                 loss, _ = _softmax_op(fx, wx, y, torch.tensor(s, device=f.device), **margins)
             elif impl == "plain":
-                loss, _ = _plain_low_precision(fx, wx, y, s, **setting)
+                loss, _ = reference.softmax_loss_lse(fx, wx, y, s, acc=dtype, **margins)
             else:
-                loss, _ = _reference_loss_lse(fx, wx, y, s, **margins)
+                loss, _ = reference.softmax_loss_lse(fx, wx, y, s, **margins)
             grads = torch.autograd.grad((loss.double() * wl).sum(), (fx, wx))
             results.append((loss, *grads))
         for what, kern, plain, exact in zip(("loss", "grad features", "grad weight"),
@@ -344,7 +295,7 @@ def test_exact_chunked_helper_matches_reference():
         loss, lse, gf, gw, gs = _exact_softmax_chunked(f, w, y, 7.0, wl, we, chunk=5, **margins)
         fr, wr = f.clone().requires_grad_(), w.clone().requires_grad_()
         sr = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
-        loss_ref, lse_ref = _reference_loss_lse(fr, wr, y, sr, **margins)
+        loss_ref, lse_ref = reference.softmax_loss_lse(fr, wr, y, sr, **margins)
         ref = torch.autograd.grad((loss_ref * wl).sum() + (lse_ref * we).sum(), (fr, wr, sr))
         for what, a, b in zip(("loss", "lse", "f", "w", "s"), (loss, lse, gf, gw, gs),
                               (loss_ref, lse_ref, *ref)):
@@ -372,7 +323,7 @@ def test_softmax_float16_gradients_below_subnormals():
         loss, _ = _softmax_op(fx, wx, y, s, **margins)
         grads = torch.autograd.grad((loss.double() * g).sum(), (fx, wx))
         f64, w64 = f.double().requires_grad_(), w.double().requires_grad_()
-        ref, _ = _reference_loss_lse(f64, w64, y, float(setting["scale"]), **margins)
+        ref, _ = reference.softmax_loss_lse(f64, w64, y, float(setting["scale"]), **margins)
         # dL/dz = g (p - [j = y]): below fp16's smallest subnormal, most of it far below.
         z = setting["scale"] * reference.cosine_logits(f64, w64).detach()
         gp = g[:, None] * torch.softmax(z, dim=1)
@@ -468,7 +419,7 @@ def test_softmax_training_op_outputs():
     st = dict(zip(nkt.cosine_softmax_fwd.STATS, stats))
     f64, w64 = f.double(), w.double()
     cols = torch.arange(30)
-    z, z_y, valid = _reference_logits(f64, w64, y, 12.0, cols, **margins)
+    z, z_y, valid = reference.softmax_logits(f64, w64, y, 12.0, **margins)
     p = torch.softmax(z, dim=1)
     hit = (y[:, None] == cols[None, :]) & valid[:, None]
     p_neg = torch.where(hit, torch.zeros_like(p), p)
@@ -667,7 +618,7 @@ def test_cosine_logits():
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input, registration, compile, gradient filtering
+# Bad input, NaN input, opcheck, torch.compile
 # ---------------------------------------------------------------------------------------------
 
 def test_bad_labels_and_scale_are_named():
@@ -801,7 +752,7 @@ def _gpu_softmax_rule(B, C, D, dtype, setting, seed=0, atol=None):
     kernel = (loss, *torch.autograd.grad((loss.double() * wl).sum(), (fx, wx, sx)))
     fp, wp = f.clone().requires_grad_(), w.clone().requires_grad_()
     sp = torch.tensor(s, device="cuda", dtype=dtype, requires_grad=True)
-    loss_p, _ = _plain_low_precision(fp, wp, y, sp, **setting)
+    loss_p, _ = reference.softmax_loss_lse(fp, wp, y, sp, acc=dtype, **margins)
     plain = (loss_p, *torch.autograd.grad((loss_p.double() * wl).sum(), (fp, wp, sp)))
     del loss_p
     exact = _exact_softmax_chunked(f, w, y, s, wl, we, chunk=1 << 15, **margins)

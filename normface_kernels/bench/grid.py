@@ -22,10 +22,6 @@ class OpSpec:
     def options(self):
         return dict(self.kwargs)
 
-    @property
-    def is_softmax(self):
-        return self.function == "cosine_softmax"
-
 
 # The paper's settings with the usual face-recognition scale s = 30.
 OPS = {

@@ -16,6 +16,8 @@ TRITON_INTERPRET=1, triton_op bodies on a GPU).
 
 import torch
 
+from ..ops import grad_or_zeros, normalize_autograd
+
 _LIB = torch.library.Library("normface", "FRAGMENT")  # noqa: TOR901 - composites only
 ops = torch.ops.normface
 
@@ -33,11 +35,6 @@ def _needs_grad(*tensors):
     """Grad mode on and an input requiring grad (a non-tensor is left to the op's checks)."""
     return torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad
                                            for t in tensors)
-
-
-def _grad_or_zeros(grad, like):
-    """Upstream gradients may be None (output unused) or expanded views (from .sum())."""
-    return torch.zeros_like(like) if grad is None else grad.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +58,7 @@ def _setup_softmax(ctx, inputs, output):
 def _backward_softmax(ctx, grad_loss, grad_lse, *unused):
     features, weight, labels, scale, lse, stats, ubar, nw = ctx.saved_tensors
     grad_f, grad_w, grad_s = ops.triton_cosine_softmax_backward_saved(
-        _grad_or_zeros(grad_loss, lse), _grad_or_zeros(grad_lse, lse), features, weight, labels,
+        grad_or_zeros(grad_loss, lse), grad_or_zeros(grad_lse, lse), features, weight, labels,
         scale, lse, stats, ubar, nw, *ctx.params)
     needs = ctx.needs_input_grad
     return ((grad_f if needs[0] else None, grad_w if needs[1] else None, None,
@@ -79,23 +76,6 @@ def _c_contrastive(features, weight, labels, pos_margin=0.0, neg_margin=1.0, ign
                                           ignore_index, class_start, num_classes, need)[0]
 
 
-def _setup_contrastive(ctx, inputs, output):
-    features, weight, labels, *params, _ = inputs
-    loss, stats, v, nw = output
-    ctx.save_for_backward(features, weight, labels, stats, v, nw)
-    ctx.params = params
-
-
-def _backward_contrastive(ctx, grad_loss, *unused):
-    features, weight, labels, stats, v, nw = ctx.saved_tensors
-    grad_f, grad_w = ops.triton_c_contrastive_backward_saved(
-        _grad_or_zeros(grad_loss, stats[0]), features, weight, labels, stats, v, nw,
-        *ctx.params)
-    needs = ctx.needs_input_grad
-    return ((grad_f if needs[0] else None, grad_w if needs[1] else None, None)
-            + (None,) * (len(ctx.params) + 1))
-
-
 def _c_triplet_forward(features, weight, labels, margin, hardest_only, center, ignore_index,
                        class_start, num_classes):
     need = _needs_grad(features, weight)
@@ -105,52 +85,33 @@ def _c_triplet_forward(features, weight, labels, margin, hardest_only, center, i
     return loss, hardest
 
 
-def _setup_triplet(ctx, inputs, output):
-    features, weight, labels, *params, _ = inputs
-    _, hardest, stats, v, nw = output
-    ctx.save_for_backward(features, weight, labels, hardest, stats, v, nw)
-    ctx.params = params
+def _agent_autograd(backward_op, need_flag):
+    """(backward, setup_context) of an agent loss's op with inputs (features, weight, labels,
+    *params[, need]) and outputs (loss, *saved) or loss: backward_op takes (grad_loss, features,
+    weight, labels, *saved, *params) and returns (grad_features, grad_weight)."""
+    def setup(ctx, inputs, output):
+        features, weight, labels, *params = inputs
+        loss, *saved = output if isinstance(output, tuple) else (output,)
+        # Not the loss: it is the caller's tensor, which may be changed in place.
+        ctx.save_for_backward(features, weight, labels, *saved)
+        ctx.params = params[:-1] if need_flag else params
+        ctx.loss_dtype = loss.dtype
 
+    def backward(ctx, grad_loss, *unused):
+        features, *rest = ctx.saved_tensors
+        like = features.new_empty(features.shape[:1], dtype=ctx.loss_dtype)
+        grad_f, grad_w = backward_op(grad_or_zeros(grad_loss, like), features, *rest,
+                                     *ctx.params)
+        needs = ctx.needs_input_grad
+        return ((grad_f if needs[0] else None, grad_w if needs[1] else None)
+                + (None,) * (len(needs) - 2))
 
-def _backward_triplet(ctx, grad_loss, *unused):
-    features, weight, labels, hardest, stats, v, nw = ctx.saved_tensors
-    grad_f, grad_w = ops.triton_c_triplet_backward_saved(
-        _grad_or_zeros(grad_loss, stats[0]), features, weight, labels, hardest, stats, v, nw,
-        *ctx.params)
-    needs = ctx.needs_input_grad
-    return ((grad_f if needs[0] else None, grad_w if needs[1] else None, None)
-            + (None,) * (len(ctx.params) + 1))
-
-
-def _setup_center(ctx, inputs, output):
-    features, weight, labels, *params = inputs
-    ctx.save_for_backward(features, weight, labels)
-    ctx.params = params
-
-
-def _backward_center(ctx, grad_loss):
-    features, weight, labels = ctx.saved_tensors
-    grad_f, grad_w = ops.triton_center_loss_backward_saved(grad_loss.contiguous(), features,
-                                                           weight, labels, *ctx.params)
-    needs = ctx.needs_input_grad
-    return ((grad_f if needs[0] else None, grad_w if needs[1] else None, None)
-            + (None,) * len(ctx.params))
+    return backward, setup
 
 
 # ---------------------------------------------------------------------------------------------
 # l2_normalize (eq. 4) and cosine_logits
 # ---------------------------------------------------------------------------------------------
-
-def _setup_normalize(ctx, inputs, output):
-    x, eps = inputs
-    ctx.save_for_backward(x)
-    ctx.eps = eps
-
-
-def _backward_normalize(ctx, grad):
-    (x,) = ctx.saved_tensors
-    return ops.triton_l2_normalize_backward(grad.contiguous(), x, ctx.eps), None
-
 
 def _setup_logits(ctx, inputs, output):
     features, weight, scale, eps = inputs
@@ -169,13 +130,16 @@ def _backward_logits(ctx, grad):
 
 def register():
     """Called once, after registration.py defined the ops."""
-    for name, backward, setup in (
-            ("triton_cosine_softmax_train", _backward_softmax, _setup_softmax),
-            ("triton_c_contrastive_train", _backward_contrastive, _setup_contrastive),
-            ("triton_c_triplet_train", _backward_triplet, _setup_triplet),
-            ("triton_center_loss", _backward_center, _setup_center),
-            ("triton_l2_normalize", _backward_normalize, _setup_normalize),
-            ("triton_cosine_logits", _backward_logits, _setup_logits)):
+    for name, (backward, setup) in (
+            ("triton_cosine_softmax_train", (_backward_softmax, _setup_softmax)),
+            ("triton_c_contrastive_train",
+             _agent_autograd(ops.triton_c_contrastive_backward_saved, need_flag=True)),
+            ("triton_c_triplet_train",
+             _agent_autograd(ops.triton_c_triplet_backward_saved, need_flag=True)),
+            ("triton_center_loss",
+             _agent_autograd(ops.triton_center_loss_backward_saved, need_flag=False)),
+            ("triton_l2_normalize", normalize_autograd(ops.triton_l2_normalize_backward)),
+            ("triton_cosine_logits", (_backward_logits, _setup_logits))):
         torch.library.register_autograd("normface::" + name, backward, setup_context=setup)
     _composite("triton_cosine_softmax_forward(Tensor features, Tensor weight, Tensor labels, "
                f"Tensor scale, {_SOFTMAX_PARAMS}) -> (Tensor, Tensor)", _softmax_forward)

@@ -5,7 +5,7 @@
 1. Record. `tiles.launch` is replaced (in tiles.py and in every module that imported it) by a
    recorder that keeps the kernel, its arguments and its launch options and launches nothing.
    The public API (every loss, forward and backward, the normalize switches, the margins, the
-   learned scale, the gradient filter) then runs on fake CUDA tensors at the realistic shape
+   learned scale, cosine_logits) then runs on fake CUDA tensors at the realistic shape
    B=1024, C=1,000,000, D in {128, 512}, for fp16/bf16/fp32/fp64. So the configurations are
    exactly the ones the launchers produce (block sizes, constexprs, num_warps, num_stages): a new
    kernel is picked up without any edit here as long as it launches through tiles.launch.

@@ -2,7 +2,6 @@
 the launchers make through tiles.launch (kernel, arguments, constexprs, num_warps, num_stages)."""
 
 import contextlib
-import dataclasses
 import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -57,10 +56,6 @@ def _freeze(arg):
         return _tensor_arg(arg)
     if isinstance(arg, (list, tuple)):
         return type(arg)(_freeze(a) for a in arg)
-    base = getattr(arg, "base", None)
-    if isinstance(base, torch.Tensor):  # a host-side TensorDescriptor: keep its block shape
-        return dataclasses.replace(arg, base=_tensor_arg(base), shape=list(arg.shape),
-                                   strides=list(arg.strides))
     return arg
 
 
@@ -193,9 +188,8 @@ def scenarios(nk):
                         lambda f, w, y, h=hardest, c=center: nk.c_triplet(
                             f, w, y, hardest_only=h, center=c, backend="triton",
                             reduction="sum")))
-    if hasattr(nk, "cosine_logits"):
-        out.append(("cosine_logits", lambda f, w, y: nk.cosine_logits(
-            f, w, 30.0, backend="triton").sum()))
+    out.append(("cosine_logits", lambda f, w, y: nk.cosine_logits(
+        f, w, 30.0, backend="triton").sum()))
     return out
 
 
@@ -236,50 +230,34 @@ def backward(loss):
     return leaves
 
 
-def _grad_filter_settings(set_grad_filter):
-    """The gradient filter switches a constexpr of the backward kernels: off and on, where the
-    backend has one (the v2 kernels of issue #14 have none)."""
-    return (None,) if set_grad_filter is None else (None, 0.0)
-
-
 def record(target, dims=DIMS, dtypes=DTYPES, batch=B, classes=C):
     """Runs every scenario on fake CUDA tensors; returns (launches, failures)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import normface_kernels as nk
-    import normface_kernels.triton as triton_backend
-    set_grad_filter = getattr(triton_backend, "set_grad_filter", None)
 
     if not nk.has_triton():
         raise RuntimeError(f"the Triton backend did not load: {nk.functional._triton_status()[1]}")
     failures = []
-    previous_checks = nk.set_data_checks(False) if hasattr(nk, "set_data_checks") else None
+    previous_checks = nk.set_data_checks(False)
     _clear_caches()
     try:
         with as_target_gpu(target), Recorder() as recorder, \
                 FakeTensorMode(allow_non_fake_inputs=True):
-            for grad_filter in _grad_filter_settings(set_grad_filter):
-                if set_grad_filter is not None:
-                    set_grad_filter(grad_filter)
-                for dtype in dtypes:
-                    for dim in dims:
-                        f = torch.empty((batch, dim), dtype=dtype, device="cuda",
-                                        requires_grad=True)
-                        w = torch.empty((classes, dim), dtype=dtype, device="cuda",
-                                        requires_grad=True)
-                        y = torch.zeros((batch,), dtype=torch.int64, device="cuda")
-                        for name, fn in scenarios(nk):
-                            tag = (f"{name} {str(dtype).replace('torch.', '')} D={dim}"
-                                   + ("" if grad_filter is None else " grad_filter"))
-                            recorder.scenario = tag
-                            try:
-                                backward(fn(f, w, y))
-                            except Exception as error:  # noqa: BLE001 - reported, then fails
-                                failures.append((tag, f"{type(error).__name__}: {error}"))
+            for dtype in dtypes:
+                for dim in dims:
+                    f = torch.empty((batch, dim), dtype=dtype, device="cuda", requires_grad=True)
+                    w = torch.empty((classes, dim), dtype=dtype, device="cuda",
+                                    requires_grad=True)
+                    y = torch.zeros((batch,), dtype=torch.int64, device="cuda")
+                    for name, fn in scenarios(nk):
+                        tag = f"{name} {str(dtype).replace('torch.', '')} D={dim}"
+                        recorder.scenario = tag
+                        try:
+                            backward(fn(f, w, y))
+                        except Exception as error:  # noqa: BLE001 - reported, then fails
+                            failures.append((tag, f"{type(error).__name__}: {error}"))
     finally:
-        if set_grad_filter is not None:
-            set_grad_filter(None)
-        if previous_checks is not None:
-            nk.set_data_checks(previous_checks)
+        nk.set_data_checks(previous_checks)
         _clear_caches()
     return recorder.launches, failures
