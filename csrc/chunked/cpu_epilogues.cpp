@@ -257,23 +257,7 @@ void softmax_rows(const at::Tensor& cos_y, const at::Tensor& target, const at::T
     const T s = *scale.data_ptr<T>();
     T* out = table.data_ptr<T>();
     for (int64_t i = 0; i < B; ++i) {
-      const T A = mg.normalize_features ? T(1) / nfp[i] : unnormalized_factor(nfp[i]);
-      const T a = mg.normalize_features ? T(1) : nfp[i];
-      T t = 0, dt = 0, by = 0, v = 0, tmc = 0;
-      const int64_t y = yp[i];
-      if (y >= 0) {
-        margin_target<T>(cp[i], T(mg.m1), T(mg.m2), T(mg.m3), T(mg.lam), &t, &dt);
-        by = mg.normalize_weight ? T(1) : nwp[y];
-        v = (a * by) * t;
-        tmc = t - dt * cp[i];
-      }
-      out[kRow * B + i] = A;
-      out[kZ * B + i] = s * v;
-      out[kV * B + i] = v;
-      out[kDt * B + i] = dt;
-      out[kTmc * B + i] = tmc;
-      out[kA * B + i] = a;
-      out[kBy * B + i] = by;
+      softmax_row_terms<T>(cp[i], yp[i], nfp[i], nwp, s, mg, out, i, B);
     }
   });
 }

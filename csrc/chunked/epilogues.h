@@ -32,6 +32,29 @@ namespace chunked {
 //   kBy    b_y = 1 or ||W_y||
 enum SoftmaxRowField : int64_t { kRow, kZ, kV, kDt, kTmc, kA, kBy, kSoftmaxRowFields };
 
+// Row i of that table (column k at out[k * B + i]), from the target cosine cos_y, the local
+// target y (-1: none), ||f_i||, the class norms nw and s. softmax_rows runs it on both devices.
+template <typename T>
+NF_HOST_DEVICE void softmax_row_terms(T cos_y, int64_t y, T nf, const T* nw, T s,
+                                      const Margins& mg, T* out, int64_t i, int64_t B) {
+  const T A = mg.normalize_features ? T(1) / nf : unnormalized_factor(nf);
+  const T a = mg.normalize_features ? T(1) : nf;
+  T t = 0, dt = 0, by = 0, v = 0, tmc = 0;
+  if (y >= 0) {
+    margin_target<T>(cos_y, T(mg.m1), T(mg.m2), T(mg.m3), T(mg.lam), &t, &dt);
+    by = mg.normalize_weight ? T(1) : nw[y];
+    v = (a * by) * t;
+    tmc = t - dt * cos_y;
+  }
+  out[kRow * B + i] = A;
+  out[kZ * B + i] = s * v;
+  out[kV * B + i] = v;
+  out[kDt * B + i] = dt;
+  out[kTmc * B + i] = tmc;
+  out[kA * B + i] = a;
+  out[kBy * B + i] = by;
+}
+
 // The per-row and per-column terms of the softmax chunk epilogues.
 struct SoftmaxTerms {
   at::Tensor target;      // (B,) int64

@@ -68,25 +68,7 @@ __global__ void __launch_bounds__(kThreads)
                         float* __restrict__ out) {
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= B) return;
-  const float s = *scale;
-  const float A = mg.normalize_features ? 1.f / nf[i] : unnormalized_factor(nf[i]);
-  const float a = mg.normalize_features ? 1.f : nf[i];
-  float t = 0.f, dt = 0.f, by = 0.f, v = 0.f, tmc = 0.f;
-  const int64_t y = target[i];
-  if (y >= 0) {
-    const float c = cos_y[i];
-    margin_target<float>(c, float(mg.m1), float(mg.m2), float(mg.m3), float(mg.lam), &t, &dt);
-    by = mg.normalize_weight ? 1.f : nw[y];
-    v = (a * by) * t;
-    tmc = t - dt * c;
-  }
-  out[kRow * B + i] = A;
-  out[kZ * B + i] = s * v;
-  out[kV * B + i] = v;
-  out[kDt * B + i] = dt;
-  out[kTmc * B + i] = tmc;
-  out[kA * B + i] = a;
-  out[kBy * B + i] = by;
+  softmax_row_terms<float>(cos_y[i], target[i], nf[i], nw, *scale, mg, out, i, B);
 }
 
 // epilogues.h FinishArgs, one warp per row of U.
