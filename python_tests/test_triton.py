@@ -337,6 +337,33 @@ def test_softmax_float16_gradients_below_subnormals():
             assert (err <= bound).all(), f"{setting} grad {what}: {(err - bound).max().item()}"
 
 
+def test_float16_grad_weight_of_unnormalized_agents_with_a_zero_column():
+    """fp16, agents not normalized: the target class's column of dL/dcos is all zero here
+    (D = 1: cos is exactly 1 and the margin-free psi's slope is clamped to 0), so the column's
+    power-of-two scale follows nothing, while eq. 4's term from ||W_j|| is not zero. Scaling that
+    term by the column's power of two overflowed to -inf; it must come back finite and right."""
+    f = torch.tensor([[0.6614]], device=DEVICE)
+    w = torch.tensor([[0.2669], [0.0617]], device=DEVICE)
+    y = torch.tensor([1], device=DEVICE)
+    for scale in (1.0, 30.0):
+        for m2 in (0.0, 0.5):
+            margins = dict(m1=1.0, m2=m2, m3=0.0, lam=0.0, normalize_features=True,
+                           normalize_weight=False)
+            grads = []
+            for dtype in (torch.float16, torch.float64):
+                fx = f.to(torch.float16).to(dtype).requires_grad_()
+                wx = w.to(torch.float16).to(dtype).requires_grad_()
+                if dtype == torch.float16:
+                    loss, _ = _softmax_op(fx, wx, y, torch.tensor(scale, device=DEVICE),
+                                          **margins)
+                else:
+                    loss, _ = reference.softmax_loss_lse(fx, wx, y, scale, **margins)
+                grads.append(torch.autograd.grad(loss.double().sum(), (fx, wx)))
+            for what, got, want in zip(("features", "weight"), *grads):
+                assert torch.isfinite(got).all(), f"s={scale} m2={m2} grad {what}: {got}"
+                _assert_close(got.double(), want, f"s={scale} m2={m2} grad {what}", 2e-3, 2e-3)
+
+
 def test_softmax_float64_huge_logits_are_exact():
     """Unnormalized rows of norm 1e8 (features and agents): logits around 1e16, so a recomputed
     logit one ulp off the forward's would put e^(+-2) into the softmax. The backward recomputes

@@ -110,11 +110,15 @@ def _grad_weight_kernel(f_ptr, w_ptr, nw_ptr, s_ptr, yl_ptr, coef_ptr, gw_ptr, B
     w2 = load_rows(w_ptr + 0 * B, cols, cmask, D, stride_wc, stride_wd, D_PAD)
     if IN == tl.float16 or IN == tl.bfloat16:
         if SCALE_EXP:
-            c = c * tl.exp2(-k)
-            e = tl.where(c == 0, 0.0, _exponent(c))  # c in [1, 2) after this power of two
-            acc = acc * tl.exp2(-e)[:, None]
+            # acc + c W = 2^e (acc 2^(k - e) + c 2^-e W): c 2^-e in [1, 2) for the fp16 operand.
+            # e comes from c itself, never from c 2^-k: k follows the column's A alone (-127 for
+            # a column of zeros) and c holds the ||W_j|| term too, so c 2^-k can overflow fp32.
+            # acc is scaled up by at most 2^60 (c far below the column's A: its term is lost
+            # to rounding anyway), so it stays finite.
+            e = tl.where(c == 0, k, tl.maximum(_exponent(c), k - 60.0))
+            acc = acc * tl.exp2(k - e)[:, None]
             c = c * tl.exp2(-e)
-            k = k + e
+            k = e
         eye = tl.arange(0, BLOCK_N)[:, None] == tl.arange(0, BLOCK_N)[None, :]
         acc = tl.dot(tl.where(eye, c[:, None], 0.0).to(IN), w2, acc, out_dtype=ACC)
     else:
