@@ -305,7 +305,10 @@ def check_against_reference(case, backend, device="cpu"):
 
 def no_discontinuity(case):
     """False when a hinge or the hardest negative sits within rounding of its switch point in
-    some valid row (then two correct implementations may pick different branches)."""
+    some valid row (then two correct implementations may pick different branches), or, with an
+    angular margin, a target cosine within rounding of the clamp at +-(1 - 1e-7): d psi / d cos
+    jumps there from sin(m1 theta + m2) / sin(theta) ~ 1e3 to 0 (the contract's clamp), so the
+    float32 cosine of a kernel and the 16-bit one of plain PyTorch may land on either side."""
     delta = {torch.float64: 1e-7, torch.float32: 1e-3}.get(case.dtype, 3e-2)
     f, w = case.f.to(case.dtype).double(), case.w.to(case.dtype).double()
     d = 2.0 - 2.0 * reference.cosine_logits(f, w, 1.0)
@@ -316,6 +319,13 @@ def no_discontinuity(case):
     d_y = d.gather(1, y[:, None])
     others = torch.ones_like(d, dtype=torch.bool).scatter(1, y[:, None], False)
     k = case.kwargs
+    if case.loss == "softmax":
+        if k["m1"] == 1.0 and k["m2"] == 0.0:
+            return True  # no angular margin: psi = clamp(cos) - m3 is 1-Lipschitz
+        # 1 - |cos| = d / 2 or 2 - d / 2; the band: float32 rounding, or 16-bit's resolution.
+        band = {torch.float64: 1e-12, torch.float32: 1e-6}.get(case.dtype, 2e-3)
+        gap = torch.minimum(d_y / 2, 2 - d_y / 2)
+        return bool((gap > 1e-7 + band).all())
     if case.loss == "c_contrastive":
         return bool((d_y - k["pos_margin"]).abs().min() > delta) and bool(
             ((k["neg_margin"] - d).abs() > delta)[others].all())
@@ -341,6 +351,7 @@ ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 @fuzz(250)
 @given(cases("softmax", ALL_DTYPES))
 def test_cpu_softmax_matches_reference(case):
+    assume(no_discontinuity(case))
     check_against_reference(case, "cpu")
 
 
@@ -354,6 +365,7 @@ def test_cpu_agent_losses_match_reference(case):
 @fuzz(100)
 @given(cases("softmax", ALL_DTYPES))
 def test_chunked_softmax_matches_reference(case):
+    assume(no_discontinuity(case))
     check_against_reference(case, "chunked")
 
 
@@ -365,9 +377,11 @@ def test_chunked_agent_losses_match_reference(case):
 
 
 @needs_triton
-@fuzz(12)
-@given(cases("softmax", [torch.float64, torch.float32], max_b=18, max_c=20, max_d=20))
+@fuzz(20)
+@given(cases("softmax", [torch.float64, torch.float32, torch.float16], max_b=18, max_c=20,
+             max_d=20))
 def test_triton_softmax_matches_reference(case):
+    assume(no_discontinuity(case))
     check_against_reference(case, "triton", device=TRITON_DEVICE)
 
 
@@ -384,6 +398,7 @@ def test_triton_agent_losses_match_reference(case):
 @fuzz(100)
 @given(cases("softmax", CUDA_DTYPES, max_b=40, max_c=300, max_d=40))
 def test_cuda_softmax_matches_reference(case):
+    assume(no_discontinuity(case))
     check_against_reference(case, "cuda", device="cuda")
 
 
