@@ -59,7 +59,8 @@ def grads(loss_fn, *tensors):
 
 
 def assert_low_precision_close(kernel, low_ref, exact, atol, what):
-    """STYLE.md rule: |kernel - exact| <= 2 |low-precision reference - exact| + atol."""
+    """The contract's tolerance rule (docs/contract.md "Backends"):
+    |kernel - exact| <= 2 |low-precision reference - exact| + atol."""
     kernel, low_ref, exact = (t.double() for t in (kernel, low_ref, exact))
     err = (kernel - exact).abs().max().item()
     ref_err = (low_ref - exact).abs().max().item()

@@ -96,7 +96,7 @@ def test_low_precision_inputs(name, dtype):
     loss, g = grads(lambda: ours(f, w, y, reduction="none", backend="cpu", **kwargs), f, w)
     exact, ge = grads(lambda: ref(ef, ew, y, **kwargs), ef, ew)
     # The reference accumulates in float32 for low-precision inputs: run a plain low-precision
-    # version of d_ij = 2 - 2 cos_ij for the STYLE.md comparison.
+    # version of d_ij = 2 - 2 cos_ij for the tolerance rule's comparison.
     orig = reference.cosine_logits
     try:
         reference.cosine_logits = lambda a, b, s=1.0, eps=1e-12: s * (

@@ -166,7 +166,7 @@ def test_proposition_2_bound_is_reached_by_the_simplex():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs(dtype):
-    """fp16 with s = 64 and bf16: STYLE.md's tolerance rule against the float64 reference."""
+    """fp16 with s = 64 and bf16: the contract's tolerance rule against the float64 reference."""
     f64, w64, y = make_inputs(16, 700, 32, seed=7, requires_grad=False)
     f, w = f64.to(dtype).requires_grad_(), w64.to(dtype).requires_grad_()
     exact_f, exact_w = f.detach().double().requires_grad_(), w.detach().double().requires_grad_()

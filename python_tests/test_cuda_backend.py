@@ -3,10 +3,10 @@ csrc/chunked (cuBLAS GEMMs over class chunks) with its CUDA epilogues (csrc/cuda
 
 Every op and every gradient, fp32 / fp16 / bf16, at small odd sizes, across chunk boundaries (a
 tiny chunk budget), with ignored rows holding NaN, without a host sync when the data checks are
-off, and (marked slow) at a realistic size with a million classes. Tolerance rule of STYLE.md:
-the kernel's error against the float64 reference must be at most 2x the error of the plain
-PyTorch computation run in the same low precision, plus a small atol (relative to the magnitude
-of the compared tensor).
+off, and (marked slow) at a realistic size with a million classes. Tolerance rule of
+docs/contract.md "Backends": the kernel's error against the float64 reference must be at most 2x
+the error of the plain PyTorch computation run in the same low precision, plus a small atol
+(relative to the magnitude of the compared tensor).
 
 Skipped without a CUDA device. Run: pytest python_tests/test_cuda_backend.py [-m "not slow"]
 """

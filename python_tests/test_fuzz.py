@@ -1,4 +1,4 @@
-"""Property-based fuzz of the public API against the reference (hypothesis; issue #12).
+"""Property-based fuzz of the public API against the reference (hypothesis).
 
 - random valid inputs -- shapes, margins, normalization switches, dtypes, ignored rows, special
   rows (on the agent, opposite, zero), non-contiguous layouts -- on the cpu backend (its blocked
@@ -20,7 +20,8 @@ terms it sums (e.g. s * max_j b_j / ||f_i|| per row of grad_features) -- so that
 error of one rounding of the largest logit (1e-16 |z|) moves p = exp(z - lse) relatively by that
 much in *every* correct implementation, so the float64 bound is
 natural * (1e-9 + 1e-14 max|z|); it stays far below the O(1) errors of a real bug. In low
-precision STYLE.md's rule applies: error <= 2 x (plain PyTorch run in that precision) + atol.
+precision the contract's tolerance rule applies (docs/contract.md "Backends"):
+error <= 2 x (plain PyTorch run in that precision) + atol.
 """
 
 import contextlib
@@ -165,7 +166,7 @@ def _kernels(backend):
 def run(case, backend, dtype=None, device="cpu", plain=False):
     """(loss, grad_features, grad_weight, grad_scale or None), all float64 on CPU. backend
     "reference" (with plain=True: the reference computed in the input precision itself, the
-    STYLE.md "plain PyTorch in low precision") or "chunked" (_kernels)."""
+    tolerance rule's "plain PyTorch in low precision") or "chunked" (_kernels)."""
     dtype = dtype or case.dtype
     # Rounded to the case's dtype first: the float64 "exact" run sees the same numbers.
     f = case.f.to(case.dtype).to(device=device, dtype=dtype)
@@ -450,7 +451,7 @@ def one_hot_softmax(case):
 
 
 def check_huge(case, backend, device="cpu"):
-    """float64: within 1e-9 of the natural scale (p is exact); float32: STYLE.md's rule (acos
+    """float64: within 1e-9 of the natural scale (p is exact); float32: the tolerance rule (acos
     near the clamp alone moves t by ~1e-4 in float32, in every implementation)."""
     if case.dtype != torch.float64:
         return check_against_reference(case, backend, device)
@@ -465,7 +466,7 @@ def check_huge(case, backend, device="cpu"):
 
 
 def test_huge_norm_float64_reproducer():
-    """Issue #12: ||f|| ~ 2e8, unnormalized; the exact gradient is [-6e9, 1.2e10]."""
+    """The case first reported: ||f|| ~ 2e8, unnormalized; the exact gradient is [-6e9, 1.2e10]."""
     f = torch.tensor([[1e8, 2e8]], dtype=torch.float64, requires_grad=True)
     w = torch.tensor([[3e8, -1e8], [2e8, 1e8]], dtype=torch.float64)
     loss = nk.cosine_softmax(f, w, torch.tensor([0]), 60.0, normalize_features=False,

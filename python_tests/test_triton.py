@@ -8,7 +8,7 @@ cosine tile (16 wide) that fp32/fp64 use on a GPU, fp32/fp16 the whole-row tiles
 The backward is the closed form of docs/kernels.md (grad features, scale and norms from the
 forward's U and R) plus the class-stationary grad_weight kernel: every test that differentiates
 checks both against the reference.
-The GPU tests at the end (realistic sizes, bf16/fp16 with STYLE.md's tolerance rule) need CUDA.
+The GPU tests at the end (realistic sizes, bf16/fp16 with the contract's tolerance rule) need CUDA.
 Needs no C++ extension (the fixture below overrides conftest's check of it).
 """
 
@@ -259,7 +259,7 @@ def test_softmax_non_contiguous_inputs():
 
 
 def test_softmax_float16_tolerance_rule():
-    """STYLE.md: |kernel - exact| <= 2 |plain fp16 PyTorch - exact| + atol."""
+    """The tolerance rule: |kernel - exact| <= 2 |plain fp16 PyTorch - exact| + atol."""
     for name in ("normface", "arcface", "l2_softmax_features_only"):
         setting = SETTINGS[name]
         f, w, y = _inputs(9, 45, 40, dtype=torch.float16, ignore=(3,), seed=5)
@@ -582,7 +582,7 @@ def test_agent_class_shards():
 
 
 def test_agent_losses_float16():
-    """Loss values in fp16 against fp64 (STYLE.md's rule, plain fp16 distances as the yardstick)
+    """Loss values in fp16 against fp64 (the tolerance rule, plain fp16 distances as the yardstick)
     and the gradients in a relative norm (a hinge at its kink may flip in either)."""
     f, w, y = _inputs(7, 33, 24, dtype=torch.float16, ignore=(1,), seed=17)
     d16 = 2 - 2 * ((f / f.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).t())
