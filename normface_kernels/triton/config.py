@@ -66,19 +66,29 @@ def _chunk(dtype, dp):
     return min(dp, 32 if dtype == torch.float32 else 16)
 
 
+def _tiles(dtype, dim):
+    """(padded D, D chunk, the fixed Blocks or None): the part of every dense kernel's tile
+    choice that does not depend on the kernel -- the interpreter's tiny tiles and float64's
+    16 x 16 (served for gradcheck, not speed)."""
+    check_dim(dtype, dim)
+    dp = d_pad(dim)
+    k = _chunk(dtype, dp)
+    if INTERPRET:
+        return dp, k, Blocks(16, 16, k, dp, 1, 1)
+    if dtype == torch.float64:
+        return dp, k, Blocks(16, 16, k, dp, 4 if dp <= 128 else 8, 1)
+    return dp, k, None
+
+
 def forward_blocks(dtype, dim, accumulate, w_unit=False):
     """Row-stationary forward (softmax and agent losses): a (BLOCK_M, D) tile of f stays on chip
     while (BLOCK_N, D) tiles of W stream through. `accumulate`: the (BLOCK_M, D) fp32 U (or V)
     accumulator is kept (a gradient is needed). `w_unit`: fp16 with normalized W, whose tile is
     also normalized in registers (docs/kernels.md "16-bit operands") and needs a narrower one.
     Shared memory: BLOCK_M D + stages BLOCK_N D 16-bit values, at most ~200 KB."""
-    check_dim(dtype, dim)
-    dp = d_pad(dim)
-    k = _chunk(dtype, dp)
-    if INTERPRET:
-        return Blocks(16, 16, k, dp, 1, 1)
-    if dtype == torch.float64:
-        return Blocks(16, 16, k, dp, 4 if dp <= 128 else 8, 1)
+    dp, k, fixed = _tiles(dtype, dim)
+    if fixed is not None:
+        return fixed
     if dtype == torch.float32:
         return Blocks(max(16, min(64, ACC_ELEMENTS // 4 // dp)), 16, k, dp,
                       4 if dp <= 128 else 8, 2 if dp <= 512 else 1)
@@ -98,13 +108,9 @@ def grad_weight_blocks(dtype, dim):
     """Class-stationary backward: a (BLOCK_N, D) tile of W and its fp32 grad W~ accumulator stay
     on chip while (BLOCK_M, D) tiles of f stream through. At 64 x 512 a BLOCK_M of 32 leaves
     ptxas 0-8 bytes short of registers (3.6 / 3.8); 16 leaves a margin."""
-    check_dim(dtype, dim)
-    dp = d_pad(dim)
-    k = _chunk(dtype, dp)
-    if INTERPRET:
-        return Blocks(16, 16, k, dp, 1, 1)
-    if dtype == torch.float64:
-        return Blocks(16, 16, k, dp, 4 if dp <= 128 else 8, 1)
+    dp, k, fixed = _tiles(dtype, dim)
+    if fixed is not None:
+        return fixed
     if dtype == torch.float32:
         return Blocks(16, max(16, min(64, ACC_ELEMENTS // 4 // dp)), k, dp,
                       4 if dp <= 128 else 8, 2 if dp <= 512 else 1)
