@@ -47,6 +47,12 @@ def tracing(*tensors):
     return any(is_fake(t) or t.device.type == "meta" for t in tensors)
 
 
+def acc_dtype(dtype):
+    """The accumulation dtype (contract "Shapes and conventions"): float32, or float64 for float64
+    inputs; losses and lse come back in it."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def data_checks_on(*tensors):
     """Whether to run the data-dependent checks on these tensors: never while tracing; on CPU
     always; on other devices while switched on."""
@@ -234,7 +240,7 @@ def scale_tensor(scale, features):
     device (torch.tensor(value, device=...) would copy it from pageable host memory: not allowed
     while a CUDA graph is captured); a tensor is checked (metadata only: its value is checked by
     the op, or check_scale_value) and kept."""
-    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(features.dtype)
     if torch.is_tensor(scale):
         check_scale_tensor(scale, features)
         return scale.reshape(())

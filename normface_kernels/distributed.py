@@ -223,7 +223,7 @@ def _normalize(x):
 
 def _row_distance(features, weight, index):
     """d_i = 2 - 2 cos(f_i, W_index[i]) for index >= 0, +inf where index < 0; (B,)."""
-    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    acc = checks.acc_dtype(features.dtype)
     has = index >= 0
     w = weight.index_select(0, index.clamp(min=0)).to(acc)
     cos = (_normalize(features.to(acc)) * _normalize(w)).sum(dim=1)
@@ -246,7 +246,7 @@ def _triplet_all_sum(features, weight, d_y, target, margin):
     No op takes d_iy from outside, so this is a torch loop over blocks of agents; each block is
     recomputed in the backward (checkpoint), keeping the extra memory at O(B x block).
     """
-    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    acc = checks.acc_dtype(features.dtype)
     f_n = _normalize(features.to(acc))
     d_y = d_y.to(acc)
     block = max(1, TRIPLET_BLOCK_ELEMS // max(1, features.shape[0]))
@@ -459,7 +459,7 @@ class ShardedNormFaceLoss(nn.Module):
         shard = (self.ignore_index, start, ncls)
 
         terms, d_y = self._local_terms(op, f_all, weight, op_labels, shard, valid)
-        acc = torch.float64 if f_all.dtype == torch.float64 else torch.float32
+        acc = checks.acc_dtype(f_all.dtype)
         merged = _gather_replicated(torch.stack([t.to(acc) for t in terms]), self.group)
         main = self._merge(merged, labels_all, valid, d_y)  # merged: (R, T, B)
 

@@ -16,13 +16,9 @@ _LOSS_FAMILY = ("l2_normalize", "cosine_softmax_forward", "c_contrastive", "c_tr
                 "center_loss")
 
 
-def _loss_dtype(features):
-    """Losses and lse are float32, or float64 for float64 inputs (contract: accumulation dtype)."""
-    return torch.float64 if features.dtype == torch.float64 else torch.float32
-
-
 def _per_sample(features, dtype=None):
-    return features.new_empty((features.shape[0],), dtype=dtype or _loss_dtype(features))
+    return features.new_empty((features.shape[0],),
+                              dtype=dtype or checks.acc_dtype(features.dtype))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import config
-from .normalize import acc_dtype
+from ..checks import acc_dtype
 from .rows import softmax_rows
 from .tiles import (cos_dot, cos_tile, launch, load_rows, logit_factors, row_ids,
                     wrap_triton)

@@ -10,7 +10,8 @@ import triton
 import triton.language as tl
 
 from . import config
-from .normalize import acc_dtype, row_norms, unit_backward
+from ..checks import acc_dtype
+from .normalize import row_norms, unit_backward
 from .tiles import cos_tile, launch, row_ids, wrap_triton
 
 

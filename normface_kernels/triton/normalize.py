@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from . import config
+from ..checks import acc_dtype
 from .tiles import launch, row_ids, wrap_triton
 
 _BLOCK_R = 16
@@ -82,10 +83,6 @@ def _unit_backward_kernel(x_ptr, g_ptr, extra_ptr, out_ptr, R, D, stride_xr, str
             out += extra[:, None] * u
         tl.store(out_ptr + rows[:, None] * D + ds[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=mask)
-
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tl_acc(dtype):

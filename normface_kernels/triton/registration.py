@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from . import config
-from ..checks import (check_device, check_finite, check_hardest, check_logits_inputs,
+from ..checks import (acc_dtype, check_device, check_finite, check_hardest, check_logits_inputs,
                       check_margins, check_normalize_inputs, check_op_inputs, check_per_sample)
 from .agents import STATS as AGENT_STATS
 from .agents import (c_contrastive_backward, c_contrastive_forward, c_triplet_backward,
@@ -56,7 +56,7 @@ def _check_saved(features, weight, **saved):
     """The saved tensors a backward op receives: accumulation dtype, features' device, and the
     shapes the forward produced ((k, B) statistics, (B, D) or (0, D) accumulator, (C,) norms)."""
     B, D = features.shape
-    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(features.dtype)
     shapes = {"stats": None, "ubar": (B, D), "v": (B, D), "nw": (weight.shape[0],)}
     for name, t in saved.items():
         want = shapes[name]
