@@ -137,6 +137,14 @@ def check_number(name, value):
         raise ValueError(f"{name} must be a real number, got {value!r}") from None
 
 
+def check_positive(name, value):
+    """A real number, finite and > 0 (a scale, a floor), as a float."""
+    value = check_number(name, value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
 def check_finite(name, value):
     value = check_number(name, value)
     if not math.isfinite(value):
@@ -244,9 +252,7 @@ def scale_tensor(scale, features):
     if torch.is_tensor(scale):
         check_scale_tensor(scale, features)
         return scale.reshape(())
-    value = check_number("scale", scale)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"scale must be finite and > 0, got {value}")
+    value = check_positive("scale", scale)
     return torch.full((), value, dtype=acc, device=features.device)
 
 

@@ -22,10 +22,11 @@ s) and the loss stays at ln C. Two things keep it alive here:
 """
 
 import math
-import numbers
 
 import torch
 from torch import nn
+
+from .checks import check_positive
 
 # Paper section 3.3: the learned scale starts at 10 and is bounded below by 0.01.
 PAPER_SCALE_INIT = 10.0
@@ -102,10 +103,10 @@ def init_scale(module, scale, num_classes, *, scale_init=None, scale_floor=None,
             scale_floor = (learned_scale_floor(num_classes, (module.m1, module.m2, module.m3),
                                                module.lam)
                            if normalized else PAPER_SCALE_FLOOR)
-        scale_floor = _positive("scale_floor", scale_floor)
+        scale_floor = check_positive("scale_floor", scale_floor)
         if scale_init is None:
             scale_init = max(PAPER_SCALE_INIT, scale_floor)
-        scale_init = _positive("scale_init", scale_init)
+        scale_init = check_positive("scale_init", scale_init)
         if scale_init < scale_floor:
             raise ValueError(f"scale_init ({scale_init}) must be >= scale_floor "
                              f"({scale_floor})")
@@ -116,7 +117,7 @@ def init_scale(module, scale, num_classes, *, scale_init=None, scale_floor=None,
         raise ValueError("scale_init and scale_floor apply to scale='learn' only, got a fixed "
                          f"scale {scale!r}")
     module.scale_floor = None
-    module.register_buffer("scale", torch.tensor(_positive("scale", scale), device=device))
+    module.register_buffer("scale", torch.tensor(check_positive("scale", scale), device=device))
 
 
 def scale_in_loss(module):
@@ -125,11 +126,3 @@ def scale_in_loss(module):
     if module.scale_floor is None:
         return module.scale
     return _LowerBound.apply(module.scale, module.scale_floor)
-
-
-def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a float > 0, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return float(value)

@@ -125,7 +125,7 @@ def test_fixed_scale_is_a_buffer_used_as_given(scale):
     (dict(scale=0.0), "scale must be finite and > 0"),
     (dict(scale=math.nan), "scale must be finite and > 0"),
     (dict(scale=math.inf), "scale must be finite and > 0"),
-    (dict(scale=True), "scale must be a float"),
+    (dict(scale=True), "scale must be a real number"),
     (dict(scale="learned"), "scale must be 'learn'"),
     (dict(scale=30.0, scale_floor=1.0), "apply to scale='learn' only"),
     (dict(scale_floor=0.0), "scale_floor must be finite and > 0"),
