@@ -24,6 +24,10 @@ namespace normface {
 namespace chunked {
 namespace {
 
+// The sparse ops (center_loss, c_triplet hardest backward) read two rows of W per sample at
+// most: only their classes' norms are computed, into (C,) vectors that hold nothing else.
+enum class AgentNorms { kAll, kTargets, kTargetsAndHardest };
+
 // What every pass computes the same way: local targets, norms, the target distances d_iy.
 struct Setup {
   Targets targets;
@@ -32,14 +36,35 @@ struct Setup {
   at::Tensor d_y;   // (B,) d_iy from a direct dot (0 where the target is not here)
   int64_t B, C, D;
 
+  // hardest: the c_triplet backward's (B,) hardest negatives (kTargetsAndHardest).
   Setup(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels,
-        int64_t ignore_index, int64_t class_start)
+        int64_t ignore_index, int64_t class_start, AgentNorms which = AgentNorms::kAll,
+        const at::Tensor& hardest = at::Tensor())
       : f(features.contiguous()), w(weight.contiguous()), B(features.size(0)),
         C(weight.size(0)), D(features.size(1)) {
     targets = local_targets(labels, ignore_index, class_start, C);
     std::tie(nf, inv_nf) = norms(f);
-    std::tie(nw, inv_nw) = norms(w);
+    if (which == AgentNorms::kAll) {
+      std::tie(nw, inv_nw) = norms(w);
+    } else {
+      at::Tensor classes = targets.target;
+      if (which == AgentNorms::kTargetsAndHardest) {
+        classes = at::cat({classes, at::where(hardest.ge(0).logical_and(hardest.lt(C)), hardest,
+                                              at::scalar_tensor(-1, hardest.options()))});
+      }
+      std::tie(nw, inv_nw) = class_norms(classes);
+    }
     d_y = distances(targets.target);
+  }
+
+  // ||W_k|| and its inverse at the listed classes k >= 0 (-1: none), zeros elsewhere: one row of
+  // W per entry instead of all C (equal classes write the same value).
+  std::tuple<at::Tensor, at::Tensor> class_norms(const at::Tensor& classes) const {
+    const at::Tensor k = at::where(classes.ge(0), classes, at::zeros_like(classes));
+    at::Tensor norm, inv;
+    std::tie(norm, inv) = norms(w.index_select(0, k));
+    at::Tensor all_norm = at::zeros({C}, norm.options()), all_inv = at::zeros({C}, inv.options());
+    return {all_norm.index_copy_(0, k, norm), all_inv.index_copy_(0, k, inv)};
   }
 
   // d_ik = 2 (1 - cos_ik) (common.h agent_distance) for the listed classes (-1: none).
@@ -298,7 +323,8 @@ std::tuple<at::Tensor, at::Tensor> c_triplet_backward(
   check_float64_on_cpu(features);
   const c10::DeviceGuard guard(features.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Setup st(features, weight, labels, ignore_index, class_start);
+  const Setup st(features, weight, labels, ignore_index, class_start,
+                 hardest_only ? AgentNorms::kTargetsAndHardest : AgentNorms::kAll, hardest);
   // Only rows with a local target carry a loss, and so a gradient.
   const at::Tensor g = upstream(grad_loss, st.targets.has, st);
   const at::Tensor bound = st.d_y + margin;
@@ -346,7 +372,7 @@ at::Tensor center_loss(const at::Tensor& features, const at::Tensor& weight,
   const c10::DeviceGuard guard(features.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (features.size(0) == 0) return empty_losses(features);
-  const Setup st(features, weight, labels, ignore_index, class_start);
+  const Setup st(features, weight, labels, ignore_index, class_start, AgentNorms::kTargets);
   return at::where(st.targets.has, st.d_y, st.zero());
 }
 
@@ -360,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor> center_loss_backward(
   check_float64_on_cpu(features);
   const c10::DeviceGuard guard(features.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Setup st(features, weight, labels, ignore_index, class_start);
+  const Setup st(features, weight, labels, ignore_index, class_start, AgentNorms::kTargets);
   const at::Tensor g = upstream(grad_loss, st.targets.has, st);
   at::Tensor grad_w = at::zeros({st.C, st.D}, st.w.options());
   if (st.B == 0) return {at::empty({0, st.D}, st.f.options()), grad_w};
