@@ -79,8 +79,12 @@ def stages(py, out, bench_dir, jobs):
         Stage("cuda-resources", 60, [[py, "scripts/cuda_resource_check.py", "--log",
                                       os.path.join(out, "build.log")]], "build.log",
               what="no local memory in any CUDA kernel (sm_90)"),
-        Stage("cuda-tests", 150, [pytest + ["python_tests/test_cuda_backend.py",
+        # The property-based fuzz's CUDA cases too (random shapes, margins, dtypes, NaN rows
+        # against the float64 reference; hypothesis is on the project's GPU machine).
+        Stage("cuda-tests", 210, [pytest + ["python_tests/test_cuda_backend.py",
                                             "python_tests/test_cuda_registration.py"]
+                                  + parallel(4),
+                                  pytest + ["python_tests/test_fuzz.py", "-k", "cuda"]
                                   + parallel(4)], "tests.log"),
         Stage("triton-tests", 180, [pytest + ["python_tests/test_triton.py",
                                               "python_tests/test_triton_registration.py"]
