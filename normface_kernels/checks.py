@@ -61,6 +61,15 @@ def data_checks_on(*tensors):
     return _DATA_CHECKS or all(t.device.type == "cpu" for t in tensors)
 
 
+def _data_checks(data, *tensors):
+    """data_checks_on, and data=False (a backward op called by autograd: its forward checked the
+    same values) skips them on accelerator tensors only -- CPU tensors are always checked, as in
+    the C++ ops (csrc/common.h data_checks_on)."""
+    if not data_checks_on(*tensors):
+        return False
+    return data or all(t.device.type == "cpu" for t in tensors)
+
+
 def check_tensor(name, x, dim):
     if not torch.is_tensor(x):
         raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
@@ -264,8 +273,8 @@ def check_op_inputs(features, weight, labels, ignore_index, class_start, num_cla
     """The checks of a loss op called directly (torch.ops.normface.triton_*, and the fake
     kernels of the C++ ops): the public API's shape/dtype/device checks, the op's stricter int64
     labels, the integer and shard arguments, and the data checks (one host sync for labels and
-    scale together, skipped while tracing or switched off, and with data=False: a backward op,
-    whose forward checked the same labels, makes no sync of its own)."""
+    scale together, skipped while tracing or switched off, and with data=False on accelerator
+    tensors: a backward op, whose forward checked the same labels, makes no sync of its own)."""
     check_inputs(features, weight, labels)
     if labels.dtype != torch.int64:
         raise ValueError(f"labels must be int64, got {labels.dtype}")
@@ -274,8 +283,7 @@ def check_op_inputs(features, weight, labels, ignore_index, class_start, num_cla
     has_scale = scale is not _NO_SCALE  # the softmax ops (None there is an error)
     if has_scale:
         check_scale_tensor(scale, features)
-    if not data or not data_checks_on(features, weight, labels,
-                                      *((scale,) if has_scale else ())):
+    if not _data_checks(data, features, weight, labels, *((scale,) if has_scale else ())):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= n))
     flags = [bad.any()]
@@ -303,7 +311,7 @@ def check_per_sample(name, t, features):
 
 def check_hardest(hardest, features, weight, data=True):
     """c_triplet's hardest (B,) int64 in [-1, C) (the range is a data check; data=False: a
-    backward op called by autograd, whose forward produced hardest, skips it)."""
+    backward op called by autograd, whose forward produced hardest, skips it off the CPU)."""
     if not torch.is_tensor(hardest):
         raise ValueError(f"hardest must be a tensor, got {type(hardest).__name__}")
     check_device("hardest", hardest, features)
@@ -313,7 +321,7 @@ def check_hardest(hardest, features, weight, data=True):
     if hardest.dtype != torch.int64:
         raise ValueError(f"hardest must be int64, got {hardest.dtype}")
     C = weight.shape[0]
-    if data and hardest.numel() > 0 and data_checks_on(hardest):
+    if hardest.numel() > 0 and _data_checks(data, hardest):
         if bool(((hardest < -1) | (hardest >= C)).any()):
             raise ValueError(f"hardest must be in [-1, {C}), got values outside")
 

@@ -492,6 +492,46 @@ def test_backward_op_on_its_own_matches_the_training_pair():
         _assert_close(a, b, "c_triplet backward", 1e-6, 1e-7)
 
 
+def test_hardest_outside_the_classes_reads_as_none_without_the_data_check():
+    """Autograd calls the backward ops with check_data=False, which skips the data checks on GPU
+    tensors: a hardest index outside [0, C) must then read as "no hardest negative", never be
+    read out of bounds. On CPU tensors the op checks it whatever check_data says (as the C++
+    ops do)."""
+    from normface_kernels.triton import agents
+    f, w, y = _inputs(5, 7, 16, seed=3)
+    g = _weights(5, 1, torch.float32)
+    bad = torch.tensor([1, 10**6, 2, 7, -5], device=DEVICE)
+    none = torch.tensor([1, -1, 2, -1, -1], device=DEVICE)
+    (stats_bad, nw), (stats_none, _) = (agents.hardest_hinge(f, w, y, k, 0.8, -100, 0)
+                                        for k in (bad, none))
+    _assert_close(stats_bad, stats_none, "hardest_hinge", 0, 0)
+    v = stats_bad.new_empty((0, 16))
+    grads = [agents.c_triplet_backward(g, f, w, y, k, stats, v, nw, 0.8, True, True, -100, 0)
+             for k, stats in ((bad, stats_bad), (none, stats_none))]
+    for a, b in zip(*grads):
+        _assert_close(a, b, "c_triplet backward", 0, 0)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="hardest must be in"):
+            ops.triton_c_triplet_backward(g, f, w, y, bad, 0.8, True, True, -100, 0, -1, False)
+    else:
+        alone = ops.triton_c_triplet_backward(g, f, w, y, bad, 0.8, True, True, -100, 0, -1,
+                                              False)
+        for a, b in zip(alone, grads[1]):
+            _assert_close(a, b, "c_triplet backward op", 0, 0)
+
+
+def test_float16_gradients_with_no_rows():
+    """B = 0 in fp16: grad_weight is zeros (the fp16 power-of-two scale of a class that saw no
+    row must stay finite: 0 * 2^150 = 0 * inf was NaN)."""
+    for name in ("cosine_softmax", "c_contrastive"):
+        f = torch.zeros(0, 16, dtype=torch.float16, device=DEVICE, requires_grad=True)
+        w = torch.randn(3, 16, device=DEVICE).half().requires_grad_()
+        y = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+        getattr(nk, name)(f, w, y, backend="triton", reduction="sum").backward()
+        assert torch.equal(w.grad, torch.zeros_like(w)), (name, w.grad)
+        assert f.grad.shape == (0, 16)
+
+
 # ---------------------------------------------------------------------------------------------
 # Agent losses
 # ---------------------------------------------------------------------------------------------

@@ -245,7 +245,7 @@ def c_triplet_backward(grad_loss, features, weight, labels, hardest, stats, v, n
         g_y = torch.where(has, -2.0 * g * (aux + center_term), torch.zeros_like(g))
         return _dense_backward(features, weight, yl, stats, v, nw, g, live, g_y, margin + d_y)
     # Two rows of W per sample: Gc_iy = -2 g (active + center), Gc_ik* = 2 g active.
-    k = hardest.to(torch.int64)
+    k = in_range(hardest, weight.shape[0])
     active = has & (k >= 0) & (aux > 0)
     act = active.to(g.dtype)
     g_y = torch.where(has, -2.0 * g * (act + center_term), torch.zeros_like(g))
@@ -258,12 +258,20 @@ def c_triplet_backward(grad_loss, features, weight, labels, hardest, stats, v, n
     return grad_f, grad_w
 
 
+def in_range(hardest, C):
+    """hardest as int64 with every value outside [0, C) read as -1, "no hardest negative" (the
+    range is a data check that a backward op may skip: nothing may be read out of bounds)."""
+    k = hardest.to(torch.int64)
+    return torch.where((k >= 0) & (k < C), k, torch.full_like(k, -1))
+
+
 def hardest_hinge(features, weight, labels, hardest, margin, ignore_index, class_start):
     """(stats, nw) of c_triplet hardest_only for a given hardest index (the backward op called
     on its own): margin + d_iy - d_ik* from B-length dots."""
     rows = agent_rows(features, weight, labels, ignore_index, class_start)
-    d_k = 2.0 - 2.0 * target_cosines(features, weight, hardest, rows.nf, rows.nw)
-    d_k = torch.where(hardest >= 0, d_k, torch.full_like(d_k, float("inf")))
+    k = in_range(hardest, weight.shape[0])
+    d_k = 2.0 - 2.0 * target_cosines(features, weight, k, rows.nf, rows.nw)
+    d_k = torch.where(k >= 0, d_k, torch.full_like(d_k, float("inf")))
     return torch.stack([rows.nf, rows.d_y, margin + rows.d_y - d_k]), rows.nw
 
 
