@@ -63,7 +63,8 @@ def _grad_weight_kernel(f_ptr, w_ptr, nw_ptr, s_ptr, yl_ptr, coef_ptr, gw_ptr, B
     acc = tl.zeros((BLOCK_N, D_PAD), ACC)
     gcos = tl.zeros((BLOCK_N,), ACC)
     colb = tl.zeros((BLOCK_N,), ACC)
-    k = tl.full((BLOCK_N,), -150.0, tl.float32)
+    # -127: _exponent's floor, so that 2^-k stays finite (B = 0 leaves k here and c = 0).
+    k = tl.full((BLOCK_N,), -127.0, tl.float32)
     cols32 = cols.to(tl.int32)  # yl is int32: the target test without 64-bit lanes
     for bt in range(0, tl.cdiv(B, BLOCK_M)):
         rows, rmask = row_ids(bt, B, BLOCK_M)
