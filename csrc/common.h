@@ -73,8 +73,6 @@ inline std::atomic<bool>& data_checks_flag() {
   return flag;
 }
 
-// Whether t holds data a check can read: not a meta tensor, nor a fake / functional tensor of
-// torch.compile tracing (a composite op runs on those before any backend kernel).
 // Margins of the cosine softmax (contract "Cosine softmax with margins") and its switches.
 struct Margins {
   double m1, m2, m3, lam;
@@ -93,6 +91,8 @@ inline void check_float64_on_cpu(const at::Tensor& features) {
               "features: float64 is supported on CPU only, got float64 on ", features.device());
 }
 
+// Whether t holds data a check can read: not a meta tensor, nor a fake / functional tensor of
+// torch.compile tracing (a composite op runs on those before any backend kernel).
 inline bool has_data(const at::Tensor& t) {
   const c10::DispatchKeySet keys = t.key_set();
   return !t.is_meta() && !keys.has(c10::DispatchKey::Python) &&
