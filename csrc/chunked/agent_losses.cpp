@@ -28,6 +28,13 @@ namespace {
 // most: only their classes' norms are computed, into (C,) vectors that hold nothing else.
 enum class AgentNorms { kAll, kTargets, kTargetsAndHardest };
 
+// c_triplet's hardest (B,) with every value outside [0, C) read as -1, "none" (its range is a
+// data check that a backward op may skip: nothing may be read out of bounds).
+at::Tensor hardest_in_range(const at::Tensor& hardest, int64_t C) {
+  return at::where(hardest.ge(0).logical_and(hardest.lt(C)), hardest,
+                   at::scalar_tensor(-1, hardest.options()));
+}
+
 // What every pass computes the same way: local targets, norms, the target distances d_iy.
 struct Setup {
   Targets targets;
@@ -49,8 +56,7 @@ struct Setup {
     } else {
       at::Tensor classes = targets.target;
       if (which == AgentNorms::kTargetsAndHardest) {
-        classes = at::cat({classes, at::where(hardest.ge(0).logical_and(hardest.lt(C)), hardest,
-                                              at::scalar_tensor(-1, hardest.options()))});
+        classes = at::cat({classes, hardest_in_range(hardest, C)});
       }
       std::tie(nw, inv_nw) = class_norms(classes);
     }
@@ -349,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor> c_triplet_backward(
   at::Tensor grad_w = at::zeros({st.C, st.D}, st.w.options());
   if (st.B == 0) return {at::empty({0, st.D}, st.f.options()), grad_w};
   const at::Tensor minus_one = at::scalar_tensor(-1, hardest.options());
-  at::Tensor k = at::where(hardest.ge(0).logical_and(hardest.lt(st.C)), hardest, minus_one);
+  at::Tensor k = hardest_in_range(hardest, st.C);
   const at::Tensor on = st.targets.has.logical_and(k.ge(0))
                             .logical_and((bound - st.distances(k)).gt(0));
   k = at::where(on, k, minus_one);
