@@ -11,13 +11,9 @@ C-triplet, center) -- computed without materializing the (B, C) logits matrix.
 
 import torch  # noqa: F401  (loads libtorch before the _C library that links it)
 
-# The C++ library registers every op schema and the CPU (and, when built, CUDA) kernels.
-# A failed load leaves backend="reference" (and "triton") usable and says why on use.
-try:
-    from . import _C  # noqa: F401
-    _cpp_error = None
-except ImportError as error:  # pragma: no cover - exercised only on broken installs
-    _cpp_error = error
+# Loads the C++ library (every op schema, the CPU and, when built, CUDA kernels); a failed load
+# leaves backend="reference" (and "triton") usable and says why on use.
+from .backends import CPP_ERROR as _cpp_error  # noqa: E402
 
 if _cpp_error is None:
     from . import ops as _ops

@@ -17,6 +17,11 @@ if not torch.cuda.is_available():
 import normface_kernels
 from normface_kernels import reference
 
+# The Triton ops are defined on first use of backend="triton"; tests also call them directly. A
+# failed load is not hidden here: those tests then fail on the missing op, with the reason in
+# backend="triton"'s error.
+normface_kernels.backends.REGISTRY["triton"].load()
+
 # The rows of the contract's table, as keyword arguments of cosine_softmax.
 SPEC_SETTINGS = {
     "normface": dict(scale=10.0),

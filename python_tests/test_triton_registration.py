@@ -1,6 +1,6 @@
 """The Triton ops register when Triton compiles (no TRITON_INTERPRET), on the oldest supported
-torch/triton too: torch 2.11's triton_op infers each schema from the op's annotations, so they
-must give exactly the schema of the C++ op of the same name.
+torch/triton too, each with its schema in normface_kernels/schemas.py (torch 2.11's triton_op
+infers the schema from the body's signature, which registration.py sets from that table).
 
 Runs in a subprocess: the other Triton tests set TRITON_INTERPRET=1 for their own process.
 """
@@ -21,23 +21,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CHECK = """
 import torch, normface_kernels as nk
-from normface_kernels import functional
-assert nk.has_triton(), functional._triton_status()[1]
-triton_ops = [n for n in dir(torch.ops.normface) if n.startswith("triton_")]
-assert "triton_cosine_softmax_forward" in triton_ops, triton_ops
-def schema(op):
-    s = op.default._schema
+from normface_kernels import schemas
+nk.backends.load_triton()
+def key(name, s):
+    # What torch.library infers from a signature: no return names, int for SymInt.
     return ([(a.name, str(a.type), repr(a.default_value)) for a in s.arguments],
             [str(r.type) for r in s.returns])
-twins = 0
-for name in triton_ops:
-    cpp = name[len("triton_"):]
-    if hasattr(torch.ops.normface, cpp):
-        twins += 1
-        mine, theirs = schema(getattr(torch.ops.normface, name)), schema(
-            getattr(torch.ops.normface, cpp))
-        assert mine == theirs, f"{name}: {mine} != {cpp}: {theirs}"
-print("registered", len(triton_ops), "triton ops,", twins, "with the C++ schema")
+for name, schema in schemas.TRITON.items():
+    mine = getattr(torch.ops.normface, "triton_" + name).default._schema
+    assert key(name, mine) == key(name, schemas.parse(name, schema)), (name, str(mine), schema)
+print("registered", len(schemas.TRITON), "triton ops with the table's schemas")
 """
 
 

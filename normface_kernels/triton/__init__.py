@@ -1,8 +1,8 @@
 """Triton backend of normface_kernels: the ops `torch.ops.normface.triton_<name>`.
 
 Same schemas and meaning as the C++ ops of csrc/registration.cpp (class_start / num_classes
-included), plus `triton_cosine_logits` and the training ops (registration.py). Imported lazily by
-functional.has_triton(); raises ImportError when the triton package is missing, so
+included), plus `triton_cosine_logits` and the training ops (registration.py). Imported on first
+use of backend="triton" (normface_kernels.backends); raises ImportError without triton, so
 normface_kernels itself never needs it. docs/kernels.md derives every kernel.
 
 Layout (one file per kernel family; in each, `_x_kernel` (Triton) -> launcher -> op):

@@ -16,19 +16,18 @@ TRITON_INTERPRET=1, triton_op bodies on a GPU).
 
 import torch
 
+from .. import schemas
 from ..ops import grad_or_zeros, normalize_autograd
 
 _LIB = torch.library.Library("normface", "FRAGMENT")  # noqa: TOR901 - composites only
 ops = torch.ops.normface
 
-_SOFTMAX_PARAMS = ("float m1, float m2, float m3, float lam, bool normalize_features, "
-                   "bool normalize_weight, int ignore_index, int class_start, int num_classes")
 
 
-def _composite(schema, fn):
-    name = schema.split("(")[0]
-    _LIB.define(schema)
-    _LIB.impl(name, fn, "CompositeImplicitAutograd")
+def _composite(name, fn):
+    """normface::triton_<name>, with the schema of schemas.TRITON[name], as a composite."""
+    _LIB.define("triton_" + name + schemas.TRITON[name])
+    _LIB.impl("triton_" + name, fn, "CompositeImplicitAutograd")
 
 
 def _needs_grad(*tensors):
@@ -141,11 +140,6 @@ def register():
             ("triton_l2_normalize", normalize_autograd(ops.triton_l2_normalize_backward)),
             ("triton_cosine_logits", (_backward_logits, _setup_logits))):
         torch.library.register_autograd("normface::" + name, backward, setup_context=setup)
-    _composite("triton_cosine_softmax_forward(Tensor features, Tensor weight, Tensor labels, "
-               f"Tensor scale, {_SOFTMAX_PARAMS}) -> (Tensor, Tensor)", _softmax_forward)
-    _composite("triton_c_contrastive(Tensor features, Tensor weight, Tensor labels, "
-               "float pos_margin=0.0, float neg_margin=1.0, int ignore_index=-100, "
-               "int class_start=0, int num_classes=-1) -> Tensor", _c_contrastive)
-    _composite("triton_c_triplet_forward(Tensor features, Tensor weight, Tensor labels, "
-               "float margin, bool hardest_only, bool center, int ignore_index, "
-               "int class_start, int num_classes) -> (Tensor, Tensor)", _c_triplet_forward)
+    _composite("cosine_softmax_forward", _softmax_forward)
+    _composite("c_contrastive", _c_contrastive)
+    _composite("c_triplet_forward", _c_triplet_forward)

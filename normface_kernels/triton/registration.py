@@ -1,4 +1,4 @@
-"""The Triton ops `normface::triton_<name>` (schemas inferred from the annotations below).
+"""The Triton ops `normface::triton_<name>`, their schemas from normface_kernels/schemas.py.
 
 Two kinds of loss op (autograd and the composites are in autograd.py):
 - the training ops `triton_<loss>_train(..., need_grad) -> (loss..., saved...)` and their
@@ -13,13 +13,11 @@ Each op checks its arguments first (normface_kernels/checks.py; contract "Bad in
 ops skip the data checks (no host sync: their forward checked the same labels).
 """
 
-from typing import Tuple
-
 import torch
-from torch import Tensor
 from torch.library import triton_op
 
 from . import config
+from .. import schemas
 from ..checks import (acc_dtype, check_device, check_finite, check_hardest, check_logits_inputs,
                       check_margins, check_normalize_inputs, check_op_inputs, check_per_sample)
 from .agents import STATS as AGENT_STATS
@@ -31,24 +29,23 @@ from .cosine_softmax_fwd import softmax_forward
 from .logits import cosine_logits, cosine_logits_backward
 from .normalize import l2_normalize, l2_normalize_backward
 
-Tuple2 = Tuple[Tensor, Tensor]
-Tuple3 = Tuple[Tensor, Tensor, Tensor]
-Tuple4 = Tuple[Tensor, Tensor, Tensor, Tensor]
-Tuple5 = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
-
 
 def _define(name):
-    """torch.library.triton_op: torch.compile traces into the body and sees the kernels. Under
-    TRITON_INTERPRET=1 the kernels are plain Python functions that cannot be traced, so the op is
-    an opaque custom op there instead (same body, also its fake kernel: launch() skips the
-    kernels on fake tensors). The schema is inferred from the annotations: torch 2.11's
-    triton_op ignores an explicit schema= and always infers it."""
+    """Defines normface::triton_<name> with the schema of schemas.TRITON[name] (the body's
+    parameter names must be the schema's). torch.library.triton_op: torch.compile traces into
+    the body and sees the kernels. Under TRITON_INTERPRET=1 the kernels are plain Python
+    functions that cannot be traced, so the op is an opaque custom op there instead (same body,
+    also its fake kernel: launch() skips the kernels on fake tensors). Both infer the schema from
+    the body's signature, which is set from the table: torch 2.11's triton_op ignores an explicit
+    schema= and always infers it."""
     def register(fn):
+        fn.__signature__ = schemas.signature(name, schemas.TRITON[name], fn)
+        qualname = "normface::triton_" + name
         if config.INTERPRET:
-            op = torch.library.custom_op(name, fn, mutates_args=())
+            op = torch.library.custom_op(qualname, fn, mutates_args=())
             op.register_fake(fn)
             return op
-        return triton_op(name, fn, mutates_args=())
+        return triton_op(qualname, fn, mutates_args=())
     return register
 
 
@@ -77,26 +74,24 @@ def _need_accumulator(name, t, features):
 # l2_normalize (paper eq. 3 / 4), cosine_logits (inference, small C)
 # ---------------------------------------------------------------------------------------------
 
-@_define("normface::triton_l2_normalize")
-def triton_l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+@_define("l2_normalize")
+def triton_l2_normalize(x, eps):
     return l2_normalize(x, check_normalize_inputs(x, eps))
 
 
-@_define("normface::triton_l2_normalize_backward")
-def triton_l2_normalize_backward(grad: Tensor, x: Tensor, eps: float) -> Tensor:
+@_define("l2_normalize_backward")
+def triton_l2_normalize_backward(grad, x, eps):
     return l2_normalize_backward(grad, x, check_normalize_inputs(x, eps, grad))
 
 
-@_define("normface::triton_cosine_logits")
-def triton_cosine_logits(features: Tensor, weight: Tensor, scale: Tensor,
-                         eps: float = 1e-12) -> Tensor:
+@_define("cosine_logits")
+def triton_cosine_logits(features, weight, scale, eps):
     eps = check_logits_inputs(features, weight, scale, eps)
     return cosine_logits(features, weight, scale, eps)
 
 
-@_define("normface::triton_cosine_logits_backward")
-def triton_cosine_logits_backward(grad: Tensor, features: Tensor, weight: Tensor, scale: Tensor,
-                                  eps: float) -> Tuple3:
+@_define("cosine_logits_backward")
+def triton_cosine_logits_backward(grad, features, weight, scale, eps):
     eps = check_logits_inputs(features, weight, scale, eps)
     check_device("grad", grad, features)
     if grad.shape != (features.shape[0], weight.shape[0]):
@@ -109,12 +104,10 @@ def triton_cosine_logits_backward(grad: Tensor, features: Tensor, weight: Tensor
 # cosine_softmax (contract "one formula for the whole family")
 # ---------------------------------------------------------------------------------------------
 
-@_define("normface::triton_cosine_softmax_train")
-def triton_cosine_softmax_train(features: Tensor, weight: Tensor, labels: Tensor, scale: Tensor,
-                                m1: float, m2: float, m3: float, lam: float,
-                                normalize_features: bool, normalize_weight: bool,
-                                ignore_index: int, class_start: int, num_classes: int,
-                                need_grad: bool) -> Tuple5:
+@_define("cosine_softmax_train")
+def triton_cosine_softmax_train(features, weight, labels, scale, m1, m2, m3, lam,
+                                normalize_features, normalize_weight, ignore_index, class_start,
+                                num_classes, need_grad):
     """(loss, lse, stats (7, B), ubar (B, D) or (0, D), nw (C,)); see cosine_softmax_fwd."""
     m1, m2, m3, lam = check_margins(m1, m2, m3, lam)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes, scale)
@@ -122,14 +115,10 @@ def triton_cosine_softmax_train(features: Tensor, weight: Tensor, labels: Tensor
                            normalize_weight, ignore_index, class_start, need_grad)
 
 
-@_define("normface::triton_cosine_softmax_backward_saved")
-def triton_cosine_softmax_backward_saved(grad_loss: Tensor, grad_lse: Tensor, features: Tensor,
-                                         weight: Tensor, labels: Tensor, scale: Tensor,
-                                         lse: Tensor, stats: Tensor, ubar: Tensor, nw: Tensor,
-                                         m1: float, m2: float, m3: float, lam: float,
-                                         normalize_features: bool, normalize_weight: bool,
-                                         ignore_index: int, class_start: int,
-                                         num_classes: int) -> Tuple3:
+@_define("cosine_softmax_backward_saved")
+def triton_cosine_softmax_backward_saved(grad_loss, grad_lse, features, weight, labels, scale, lse,
+                                         stats, ubar, nw, m1, m2, m3, lam, normalize_features,
+                                         normalize_weight, ignore_index, class_start, num_classes):
     check_margins(m1, m2, m3, lam)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes, scale,
                     data=False)
@@ -144,13 +133,10 @@ def triton_cosine_softmax_backward_saved(grad_loss: Tensor, grad_lse: Tensor, fe
                             class_start)
 
 
-@_define("normface::triton_cosine_softmax_backward")
-def triton_cosine_softmax_backward(grad_loss: Tensor, grad_lse: Tensor, features: Tensor,
-                                   weight: Tensor, labels: Tensor, scale: Tensor, lse: Tensor,
-                                   m1: float, m2: float, m3: float, lam: float,
-                                   normalize_features: bool, normalize_weight: bool,
-                                   ignore_index: int, class_start: int, num_classes: int,
-                                   check_data: bool = True) -> Tuple3:
+@_define("cosine_softmax_backward")
+def triton_cosine_softmax_backward(grad_loss, grad_lse, features, weight, labels, scale, lse, m1,
+                                   m2, m3, lam, normalize_features, normalize_weight, ignore_index,
+                                   class_start, num_classes, check_data):
     """The C++ op's schema: runs the forward's statistics again (use the training op pair for
     training). The given lse is used for nothing but its check."""
     m1, m2, m3, lam = check_margins(m1, m2, m3, lam)
@@ -174,10 +160,9 @@ def _hinge_margins(pos_margin, neg_margin):
     return check_finite("pos_margin", pos_margin), check_finite("neg_margin", neg_margin)
 
 
-@_define("normface::triton_c_contrastive_train")
-def triton_c_contrastive_train(features: Tensor, weight: Tensor, labels: Tensor,
-                               pos_margin: float, neg_margin: float, ignore_index: int,
-                               class_start: int, num_classes: int, need_grad: bool) -> Tuple4:
+@_define("c_contrastive_train")
+def triton_c_contrastive_train(features, weight, labels, pos_margin, neg_margin, ignore_index,
+                               class_start, num_classes, need_grad):
     """(loss, stats (3, B), V (B, D) or (0, D), nw (C,)); see agents.py."""
     pos_margin, neg_margin = _hinge_margins(pos_margin, neg_margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
@@ -185,11 +170,10 @@ def triton_c_contrastive_train(features: Tensor, weight: Tensor, labels: Tensor,
                                  class_start, need_grad)
 
 
-@_define("normface::triton_c_contrastive_backward_saved")
-def triton_c_contrastive_backward_saved(grad_loss: Tensor, features: Tensor, weight: Tensor,
-                                        labels: Tensor, stats: Tensor, v: Tensor, nw: Tensor,
-                                        pos_margin: float, neg_margin: float, ignore_index: int,
-                                        class_start: int, num_classes: int) -> Tuple2:
+@_define("c_contrastive_backward_saved")
+def triton_c_contrastive_backward_saved(grad_loss, features, weight, labels, stats, v, nw,
+                                        pos_margin, neg_margin, ignore_index, class_start,
+                                        num_classes):
     pos_margin, neg_margin = _hinge_margins(pos_margin, neg_margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
                     data=False)
@@ -200,11 +184,9 @@ def triton_c_contrastive_backward_saved(grad_loss: Tensor, features: Tensor, wei
                                   neg_margin, ignore_index, class_start)
 
 
-@_define("normface::triton_c_contrastive_backward")
-def triton_c_contrastive_backward(grad_loss: Tensor, features: Tensor, weight: Tensor,
-                                  labels: Tensor, pos_margin: float, neg_margin: float,
-                                  ignore_index: int, class_start: int, num_classes: int,
-                                  check_data: bool = True) -> Tuple2:
+@_define("c_contrastive_backward")
+def triton_c_contrastive_backward(grad_loss, features, weight, labels, pos_margin, neg_margin,
+                                  ignore_index, class_start, num_classes, check_data):
     pos_margin, neg_margin = _hinge_margins(pos_margin, neg_margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
                     data=check_data)
@@ -215,10 +197,9 @@ def triton_c_contrastive_backward(grad_loss: Tensor, features: Tensor, weight: T
                                   neg_margin, ignore_index, class_start)
 
 
-@_define("normface::triton_c_triplet_train")
-def triton_c_triplet_train(features: Tensor, weight: Tensor, labels: Tensor, margin: float,
-                           hardest_only: bool, center: bool, ignore_index: int, class_start: int,
-                           num_classes: int, need_grad: bool) -> Tuple5:
+@_define("c_triplet_train")
+def triton_c_triplet_train(features, weight, labels, margin, hardest_only, center, ignore_index,
+                           class_start, num_classes, need_grad):
     """(loss, hardest, stats (3, B), V (B, D) or (0, D), nw (C,)); see agents.py."""
     margin = check_finite("margin", margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
@@ -236,12 +217,10 @@ def _check_hardest_shape(hardest, features):
                          f"{hardest.dtype} {tuple(hardest.shape)}")
 
 
-@_define("normface::triton_c_triplet_backward_saved")
-def triton_c_triplet_backward_saved(grad_loss: Tensor, features: Tensor, weight: Tensor,
-                                    labels: Tensor, hardest: Tensor, stats: Tensor, v: Tensor,
-                                    nw: Tensor, margin: float, hardest_only: bool, center: bool,
-                                    ignore_index: int, class_start: int,
-                                    num_classes: int) -> Tuple2:
+@_define("c_triplet_backward_saved")
+def triton_c_triplet_backward_saved(grad_loss, features, weight, labels, hardest, stats, v, nw,
+                                    margin, hardest_only, center, ignore_index, class_start,
+                                    num_classes):
     margin = check_finite("margin", margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
                     data=False)
@@ -257,11 +236,9 @@ def triton_c_triplet_backward_saved(grad_loss: Tensor, features: Tensor, weight:
                               hardest_only, center, ignore_index, class_start)
 
 
-@_define("normface::triton_c_triplet_backward")
-def triton_c_triplet_backward(grad_loss: Tensor, features: Tensor, weight: Tensor,
-                              labels: Tensor, hardest: Tensor, margin: float, hardest_only: bool,
-                              center: bool, ignore_index: int, class_start: int, num_classes: int,
-                              check_data: bool = True) -> Tuple2:
+@_define("c_triplet_backward")
+def triton_c_triplet_backward(grad_loss, features, weight, labels, hardest, margin, hardest_only,
+                              center, ignore_index, class_start, num_classes, check_data):
     margin = check_finite("margin", margin)
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
                     data=check_data)
@@ -278,28 +255,24 @@ def triton_c_triplet_backward(grad_loss: Tensor, features: Tensor, weight: Tenso
                               hardest_only, center, ignore_index, class_start)
 
 
-@_define("normface::triton_center_loss")
-def triton_center_loss(features: Tensor, weight: Tensor, labels: Tensor,
-                       ignore_index: int = -100, class_start: int = 0,
-                       num_classes: int = -1) -> Tensor:
+@_define("center_loss")
+def triton_center_loss(features, weight, labels, ignore_index, class_start, num_classes):
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes)
     return center_loss(features, weight, labels, ignore_index, class_start)
 
 
-@_define("normface::triton_center_loss_backward")
-def triton_center_loss_backward(grad_loss: Tensor, features: Tensor, weight: Tensor,
-                                labels: Tensor, ignore_index: int, class_start: int,
-                                num_classes: int, check_data: bool = True) -> Tuple2:
+@_define("center_loss_backward")
+def triton_center_loss_backward(grad_loss, features, weight, labels, ignore_index, class_start,
+                                num_classes, check_data):
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
                     data=check_data)
     check_per_sample("grad_loss", grad_loss, features)
     return center_loss_backward(grad_loss, features, weight, labels, ignore_index, class_start)
 
 
-@_define("normface::triton_center_loss_backward_saved")
-def triton_center_loss_backward_saved(grad_loss: Tensor, features: Tensor, weight: Tensor,
-                                      labels: Tensor, ignore_index: int, class_start: int,
-                                      num_classes: int) -> Tuple2:
+@_define("center_loss_backward_saved")
+def triton_center_loss_backward_saved(grad_loss, features, weight, labels, ignore_index,
+                                      class_start, num_classes):
     """The training path's backward of center_loss (autograd.py): nothing is saved (it reads the
     B target rows again), and no data check (no host sync: the forward checked the labels)."""
     check_op_inputs(features, weight, labels, ignore_index, class_start, num_classes,
