@@ -20,6 +20,12 @@ from torch._subclasses.fake_tensor import is_fake
 
 REDUCTIONS = ("mean", "sum", "none")
 
+# The contract's constants ("Shapes and conventions"), for every backend: the eps inside the root
+# of every norm, ||x|| = sqrt(sum x^2 + EPS), and the clamp of a cosine before arccos,
+# theta = arccos(clamp(cos, -1 + COS_CLAMP, 1 - COS_CLAMP)). csrc/common.h has them for C++.
+EPS = 1e-12
+COS_CLAMP = 1e-7
+
 # The switch of the data checks (read by data_checks_on; the C++ ops keep a copy, set together).
 _DATA_CHECKS = True
 

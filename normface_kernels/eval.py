@@ -19,9 +19,10 @@ Distances are therefore returned negated (``euclidean_scores``).
 import numpy as np
 import torch
 
+from .checks import EPS
+
 # Section 5.3: the video feature is a 100-bin histogram of cosine scores over [-1, 1].
 SET_HISTOGRAM_BINS = 100
-NORM_EPS = 1e-12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def _pair_features(a, b):
 
 def _normalize_rows(x):
     """x / sqrt(sum x^2 + eps) row-wise (paper eq. 3), (N, D) -> (N, D)."""
-    return x / np.sqrt((x * x).sum(axis=1, keepdims=True) + NORM_EPS)
+    return x / np.sqrt((x * x).sum(axis=1, keepdims=True) + EPS)
 
 
 # ---------------------------------------------------------------------------------------------

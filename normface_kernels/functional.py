@@ -35,7 +35,7 @@ def _prepare(features, weight, labels, ignore_index, reduction, backend):
 # Public functions
 # ---------------------------------------------------------------------------------------------
 
-def l2_normalize(x, eps=1e-12, *, backend="auto"):
+def l2_normalize(x, eps=checks.EPS, *, backend="auto"):
     """x / sqrt(sum x^2 + eps) along the last dim (paper eq. 3); gradient is eq. 4.
 
     x: (..., D) floating. Returns the same shape and dtype.

@@ -1,20 +1,15 @@
 """Python half of the op registration: fake (meta) kernels and autograd formulas.
 
-The schemas live in csrc/registration.cpp; the math of the backward ops is in docs/kernels.md.
-Each loss op family is registered for a name prefix ("" for the C++ ops, cpu/cuda kernels). The
-Triton ops register their own autograd in normface_kernels/triton/autograd.py: their forward
-saves statistics (U, R, norms) that its closed-form backward reads, so their training ops have
-schemas of their own.
+The schemas live in csrc/registration.cpp (their table: schemas.py), the kernels in csrc (CPU,
+CUDA, the chunked path); the math of the backward ops is in docs/kernels.md. The Triton ops
+register their own autograd in normface_kernels/triton/autograd.py: their forward saves
+statistics (U, R, norms) that its closed-form backward reads, so their training ops have schemas
+of their own.
 """
 
 import torch
 
 from . import checks
-
-# Loss ops whose backward is a separate op taking (grads..., *inputs, *saved outputs, *params).
-_LOSS_FAMILY = ("l2_normalize", "cosine_softmax_forward", "c_contrastive", "c_triplet_forward",
-                "center_loss")
-
 
 def _per_sample(features, dtype=None):
     return features.new_empty((features.shape[0],),
@@ -25,15 +20,15 @@ def _per_sample(features, dtype=None):
 # Fake kernels: shapes and dtypes only, for torch.compile and opcheck.
 # ---------------------------------------------------------------------------------------------
 
-def _register_fakes(prefix):
+def _register_fakes():
     """Fake kernels of the C++ ops. They make the ops' argument checks too (checks.py, data
     checks skipped: a fake or meta tensor has no data): torch.compile reports a bad argument at
     trace time, and a meta tensor mixed with real ones -- which the dispatcher sends here, the
     Meta key winning -- raises instead of returning uninitialized memory."""
-    ns = f"normface::{prefix}"
+    ns = "normface::"
 
     @torch.library.register_fake(ns + "l2_normalize")
-    def _(x, eps=1e-12):
+    def _(x, eps=checks.EPS):
         checks.check_normalize_inputs(x, eps)
         return torch.empty_like(x)
 
@@ -139,13 +134,14 @@ def normalize_autograd(backward_op):
     return backward, setup
 
 
-def register_autograd_family(prefix=""):
-    """Register autograd for the ops named `prefix + name` (name in the loss family)."""
-    ns = f"normface::{prefix}"
+def _register_autograd():
+    """Autograd of the C++ ops: each backward is a separate op taking (grads..., *inputs, *saved
+    outputs, *params)."""
+    ns = "normface::"
     ops = torch.ops.normface
 
     def backward_op(name):
-        return getattr(ops, prefix + name)
+        return getattr(ops, name)
 
     # l2_normalize: eq. 4.
     backward, setup = normalize_autograd(backward_op("l2_normalize_backward"))
@@ -197,5 +193,5 @@ def register_autograd_family(prefix=""):
 
 def register_cpp_ops():
     """Fake kernels and autograd for the ops of normface_kernels._C (called once on import)."""
-    _register_fakes("")
-    register_autograd_family("")
+    _register_fakes()
+    _register_autograd()

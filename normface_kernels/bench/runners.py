@@ -25,12 +25,12 @@ import math
 
 import torch
 
-from .. import chunking
+from .. import backends, chunking, reference
 from .. import functional as nf_functional
-from .. import reference
 from .grid import OPS
 
-OURS = ("reference", "cpu", "cpu_chunked", "triton", "cuda")
+# Our backends (the registry's order), each followed by its benchmark variants (cpu_chunked).
+OURS = tuple(n for b in backends.REGISTRY.values() for n in (b.name, *b.variants))
 PEERS = ("torch_compile", "gemm_floor", "torch_lce", "liger_flce", "cce", "pml")
 ALL_BACKENDS = OURS + PEERS
 KIND = {**{name: "ours" for name in OURS}, "gemm_floor": "floor",
@@ -114,7 +114,7 @@ def unavailable_reason(name, device_type):
             return ("needs a CUDA device (TRITON_INTERPRET=1 runs it on CPU, but interpreted "
                     "kernels are not benchmarked)")
         try:
-            nf_functional.resolve_backend(name, torch.device(device_type))
+            backends.resolve(name, torch.device(device_type))
         except (RuntimeError, ValueError) as error:
             return str(error)
         return None

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import config
-from ..checks import acc_dtype
+from ..checks import EPS, acc_dtype
 from .tiles import launch, row_ids, wrap_triton
 
 _BLOCK_R = 16
@@ -89,7 +89,7 @@ def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def row_norms(x, eps=1e-12):
+def row_norms(x, eps=EPS):
     """(R,) ||x_r|| of a 2-D x (any strides), accumulation dtype."""
     R, D = x.shape
     norm = torch.empty((R,), dtype=acc_dtype(x.dtype), device=x.device)
@@ -114,7 +114,7 @@ def l2_normalize(x, eps):
     return out
 
 
-def unit_backward(grad_unit, x2d, eps=1e-12, extra=None, out=None):
+def unit_backward(grad_unit, x2d, eps=EPS, extra=None, out=None):
     """Eq. 4 for the rows of a 2-D x (any strides): grad_unit (R, D) contiguous (any float
     dtype) -> out (R, D) in x's dtype, plus extra_r * x~_r when extra (R,) is given."""
     R, D = x2d.shape

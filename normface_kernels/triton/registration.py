@@ -39,7 +39,10 @@ def _define(name):
     the body's signature, which is set from the table: torch 2.11's triton_op ignores an explicit
     schema= and always infers it."""
     def register(fn):
-        fn.__signature__ = schemas.signature(name, schemas.TRITON[name], fn)
+        fn.__signature__ = signature = schemas.signature(name, schemas.TRITON[name], fn)
+        # The schema's defaults (trailing) for direct calls of the body, e.g. as a fake kernel.
+        fn.__defaults__ = tuple(p.default for p in signature.parameters.values()
+                                if p.default is not p.empty) or None
         qualname = "normface::triton_" + name
         if config.INTERPRET:
             op = torch.library.custom_op(qualname, fn, mutates_args=())

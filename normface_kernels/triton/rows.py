@@ -14,10 +14,10 @@ import triton
 import triton.language as tl
 
 from . import config
+from ..checks import COS_CLAMP
 from .normalize import row_norms
 from .tiles import launch, row_ids, wrap_triton
 
-COS_CLAMP = 1e-7  # contract: theta = arccos(clamp(cos, -1 + 1e-7, 1 - 1e-7))
 ELSEWHERE, IGNORED = -1, -2
 
 
