@@ -1,36 +1,21 @@
-"""NormFaceLoss: the classifier agents W, the (learned) scale and the loss, in one module."""
+"""NormFaceLoss: the classifier agents W, the (learned) scale and the loss, in one module.
 
+``LossModule`` is what NormFaceLoss and the sharded loss (normface_kernels.distributed) share:
+the options (losses.LossOptions, shown as attributes), the agents and their Proposition-3
+distortion, the scale (scale.py) and ``effective_scale``. The losses themselves are in
+losses.LOSS_TABLE.
+"""
+
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
-from . import checks, functional as F
+from . import functional as F
+from .losses import (AUX_LOSSES, DEFAULTS, LOSS_TABLE, LOSSES, OPTION_NAMES,  # noqa: F401
+                     LossOptions)
 from .scale import init_scale, scale_in_loss
-
-LOSSES = ("softmax", "c_contrastive", "c_triplet")
-AUX_LOSSES = (None, "c_contrastive", "center")
-
-
-def init_agents(module, rows, embedding_size, num_classes, scale, device, dtype, *,
-                scale_init=None, scale_floor=None):
-    """Give `module` its agents `weight` (rows, D), its `scale` (a parameter for "learn", else a
-    buffer; see scale.init_scale, which reads the margins already set on `module`) and the
-    Proposition-3 distortion buffers; shared with the sharded loss (rows: its shard, num_classes:
-    the global C, which sets the learned scale's floor)."""
-    module.weight = nn.Parameter(torch.empty(rows, embedding_size, device=device, dtype=dtype))
-    init_scale(module, scale, num_classes, scale_init=scale_init, scale_floor=scale_floor,
-               device=device)
-    module.register_buffer("agent_distortion", torch.zeros(rows, device=device))
-    module.register_buffer("distortion_seen",
-                           torch.zeros(rows, dtype=torch.bool, device=device))
-
-
-def reset_agents(module):
-    # Only the direction of each agent matters once normalized; a uniform init spreads them.
-    nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-    module.agent_distortion.zero_()
-    module.distortion_seen.zero_()
 
 
 @torch.no_grad()
@@ -56,14 +41,87 @@ def update_agent_distortion(module, y, d, valid):
     module.distortion_seen |= present
 
 
-def distortion_per_class(module):
-    """(rows,) float32: agent_distortion where a class has been seen in training, NaN where
-    it never has (a copy: reading it does not change the buffers)."""
-    nan = torch.full_like(module.agent_distortion, math.nan)
-    return torch.where(module.distortion_seen, module.agent_distortion, nan)
+def _option_attribute(name):
+    def get(self):
+        return getattr(self.options, name)
+
+    def set_(self, value):  # the options are frozen: a new object, as given (checked on use)
+        self.options = dataclasses.replace(self.options, **{name: value})
+
+    return property(get, set_, doc=f"options.{name} (losses.LossOptions)")
 
 
-class NormFaceLoss(nn.Module):
+class LossModule(nn.Module):
+    """The part of NormFaceLoss and ShardedNormFaceLoss that does not depend on sharding.
+
+    ``options`` (losses.LossOptions) holds the loss settings; each of its fields reads (and
+    writes: ``criterion.lam = sphereface_lambda(step)``) as an attribute of the module.
+    """
+
+    def __init__(self, options):
+        super().__init__()
+        self.options = options
+
+    @staticmethod
+    def check_sizes(embedding_size, num_classes):
+        if embedding_size <= 0 or num_classes <= 0:
+            raise ValueError(f"embedding_size and num_classes must be > 0, got "
+                             f"{embedding_size} and {num_classes}")
+
+    def init_agents(self, rows, embedding_size, num_classes, scale, device, dtype, *,
+                    scale_init=None, scale_floor=None):
+        """The agents `weight` (rows, D), the `scale` (a parameter for "learn", else a buffer;
+        see scale.init_scale, which reads the margins of the options) and the Proposition-3
+        distortion buffers (rows: the classes this module owns, num_classes: the global C, which
+        sets the learned scale's floor); then reset_parameters."""
+        self.weight = nn.Parameter(torch.empty(rows, embedding_size, device=device, dtype=dtype))
+        init_scale(self, scale, num_classes, scale_init=scale_init, scale_floor=scale_floor,
+                   device=device)
+        self.register_buffer("agent_distortion", torch.zeros(rows, device=device))
+        self.register_buffer("distortion_seen",
+                             torch.zeros(rows, dtype=torch.bool, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Only the direction of each agent matters once normalized; a uniform init spreads them
+        # (fan_in = D: the same distribution for a shard of the classes).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.agent_distortion.zero_()
+        self.distortion_seen.zero_()
+
+    @property
+    def effective_scale(self):
+        """The scale the loss uses (0-dim): the fixed one, or max(learned scale, scale_floor)
+        with the projected gradient of scale.py (a bound, not a dead zone)."""
+        return scale_in_loss(self)
+
+    @property
+    def distortion_per_class(self):
+        """(rows,) float32: per class this module owns, the moving average of d(f, W_y)^2 over
+        its training samples (Proposition 3); NaN for a class not seen in training yet (a copy:
+        reading it does not change the buffers; no collective)."""
+        nan = torch.full_like(self.agent_distortion, math.nan)
+        return torch.where(self.distortion_seen, self.agent_distortion, nan)
+
+    @torch.no_grad()
+    def _update_distortion(self, features, labels, class_start=0):
+        """Proposition 3's per-class moving average of d(f_i, W_y)^2 for the classes
+        [class_start, class_start + rows) this module owns. A label outside them (another
+        rank's, ignored, or out of range with the data checks off) is skipped, never an index
+        out of bounds."""
+        local = labels - class_start
+        is_local = (labels != self.ignore_index) & (local >= 0) & (local < self.weight.shape[0])
+        y = torch.where(is_local, local, -1)
+        d = F.center_loss(features.detach(), self.weight.detach(), y, ignore_index=-1,
+                          reduction="none", backend=self.backend)
+        update_agent_distortion(self, y, d, is_local)
+
+
+for _name in OPTION_NAMES:
+    setattr(LossModule, _name, _option_attribute(_name))
+
+
+class NormFaceLoss(LossModule):
     """Loss over normalized features and class agents, for training embeddings.
 
     Args:
@@ -100,52 +158,20 @@ class NormFaceLoss(nn.Module):
     margin trains (the README has the table).
     """
 
-    def __init__(self, embedding_size, num_classes, *, loss="softmax", scale="learn",
-                 margins=(1.0, 0.0, 0.0), aux=None, aux_weight=0.01, lam=0.0,
-                 normalize_features=True, normalize_weight=True, pos_margin=0.0,
-                 neg_margin=1.0, triplet_margin=0.8, hardest_only=True, center=False,
-                 ignore_index=-100, reduction="mean", backend="auto", distortion_momentum=0.99,
+    def __init__(self, embedding_size, num_classes, *, loss=DEFAULTS.loss, scale="learn",
+                 margins=DEFAULTS.margins, aux=DEFAULTS.aux, aux_weight=DEFAULTS.aux_weight,
+                 lam=DEFAULTS.lam, normalize_features=DEFAULTS.normalize_features,
+                 normalize_weight=DEFAULTS.normalize_weight, pos_margin=DEFAULTS.pos_margin,
+                 neg_margin=DEFAULTS.neg_margin, triplet_margin=DEFAULTS.triplet_margin,
+                 hardest_only=DEFAULTS.hardest_only, center=DEFAULTS.center,
+                 ignore_index=DEFAULTS.ignore_index, reduction=DEFAULTS.reduction,
+                 backend=DEFAULTS.backend, distortion_momentum=DEFAULTS.distortion_momentum,
                  scale_init=None, scale_floor=None, device=None, dtype=None):
-        super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if aux not in AUX_LOSSES:
-            raise ValueError(f"aux must be one of {AUX_LOSSES}, got {aux!r}")
-        if embedding_size <= 0 or num_classes <= 0:
-            raise ValueError(f"embedding_size and num_classes must be > 0, got "
-                             f"{embedding_size} and {num_classes}")
-        if len(margins) != 3:
-            raise ValueError(f"margins must be (m1, m2, m3), got {margins!r}")
-        if not 0.0 <= distortion_momentum < 1.0:
-            raise ValueError(f"distortion_momentum must be in [0, 1), got {distortion_momentum}")
-        checks.check_reduction(reduction)
-        self.loss, self.aux, self.aux_weight = loss, aux, float(aux_weight)
-        self.m1, self.m2, self.m3, self.lam = checks.check_margins(*margins, lam)
-        self.normalize_features, self.normalize_weight = normalize_features, normalize_weight
-        self.pos_margin, self.neg_margin = float(pos_margin), float(neg_margin)
-        self.triplet_margin, self.hardest_only, self.center = (
-            float(triplet_margin), hardest_only, center)
-        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
-        self.distortion_momentum = float(distortion_momentum)
-
-        init_agents(self, num_classes, embedding_size, num_classes, scale, device, dtype,
-                    scale_init=scale_init, scale_floor=scale_floor)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        reset_agents(self)
-
-    @property
-    def effective_scale(self):
-        """The scale the loss uses (0-dim): the fixed one, or max(learned scale, scale_floor)
-        with the projected gradient described in the class docstring."""
-        return scale_in_loss(self)
-
-    @property
-    def distortion_per_class(self):
-        """(C,) float32: per class, the moving average of d(f, W_y)^2 over its training samples
-        (Proposition 3); NaN for a class not seen in training yet."""
-        return distortion_per_class(self)
+        options = LossOptions.from_arguments(locals())  # the option keywords above
+        super().__init__(options)
+        self.check_sizes(embedding_size, num_classes)
+        self.init_agents(num_classes, embedding_size, num_classes, scale, device, dtype,
+                         scale_init=scale_init, scale_floor=scale_floor)
 
     @property
     def mean_distortion(self):
@@ -156,42 +182,15 @@ class NormFaceLoss(nn.Module):
             return math.nan
         return float(self.agent_distortion[seen].double().mean())
 
-    def _main_loss(self, features, labels):
-        common = dict(ignore_index=self.ignore_index, reduction=self.reduction,
-                      backend=self.backend)
-        if self.loss == "softmax":
-            return F.cosine_softmax(
-                features, self.weight, labels, self.effective_scale, m1=self.m1, m2=self.m2,
-                m3=self.m3, lam=self.lam, normalize_features=self.normalize_features,
-                normalize_weight=self.normalize_weight, **common)
-        if self.loss == "c_contrastive":
-            return F.c_contrastive(features, self.weight, labels, pos_margin=self.pos_margin,
-                                   neg_margin=self.neg_margin, **common)
-        return F.c_triplet(features, self.weight, labels, margin=self.triplet_margin,
-                           hardest_only=self.hardest_only, center=self.center, **common)
-
-    def _aux_loss(self, features, labels):
-        common = dict(ignore_index=self.ignore_index, reduction=self.reduction,
-                      backend=self.backend)
-        if self.aux == "c_contrastive":
-            return F.c_contrastive(features, self.weight, labels, pos_margin=self.pos_margin,
-                                   neg_margin=self.neg_margin, **common)
-        return F.center_loss(features, self.weight, labels, **common)
-
-    @torch.no_grad()
-    def _update_distortion(self, features, labels):
-        """Proposition 3: moving average, per class, of the batch mean of d(f_i, W_y)^2."""
-        d = F.center_loss(features.detach(), self.weight.detach(), labels,
-                          ignore_index=self.ignore_index, reduction="none", backend=self.backend)
-        # A label outside [0, C) (let through when the data checks are off) is skipped, never an
-        # index out of bounds.
-        valid = (labels != self.ignore_index) & (labels >= 0) & (labels < self.weight.shape[0])
-        update_agent_distortion(self, labels, d, valid)
+    def _term(self, name, features, labels):
+        entry = LOSS_TABLE[name]
+        scale = self.effective_scale if entry.takes_scale else None
+        return entry(self.options, features, self.weight, labels, scale)
 
     def forward(self, features, labels):
-        loss = self._main_loss(features, labels)
+        loss = self._term(self.loss, features, labels)
         if self.aux is not None:
-            loss = loss + self.aux_weight * self._aux_loss(features, labels)
+            loss = loss + self.aux_weight * self._term(self.aux, features, labels)
         if self.training and not torch.compiler.is_compiling():
             self._update_distortion(features, labels.long())
         return loss
