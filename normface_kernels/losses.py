@@ -105,12 +105,6 @@ OPTION_NAMES = tuple(field.name for field in dataclasses.fields(LossOptions))
 DEFAULTS = LossOptions()
 
 
-def kernel_op(name, backend):
-    """torch.ops.normface.<name>, or its triton_ twin for backend="triton" (a concrete backend
-    with kernels: cpu, cuda or triton)."""
-    return getattr(torch.ops.normface, ("triton_" if backend == "triton" else "") + name)
-
-
 # ---------------------------------------------------------------------------------------------
 # One step of the sharded loss, as the table's shard functions see it
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +115,7 @@ class ShardStep:
     functions, so that this module needs no process group)."""
 
     options: LossOptions
-    op: Callable            # name -> the op of the backend (kernel_op)
+    op: Callable            # name -> the op of the backend (backends.Backend.op)
     features: torch.Tensor  # (B, D) the global batch
     weight: torch.Tensor    # (n, D) the agents this rank uses (its shard, or the sampled ones)
     labels: torch.Tensor    # (B,) the labels the ops get (see ShardedNormFaceLoss._sample_shard)

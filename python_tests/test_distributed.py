@@ -117,12 +117,12 @@ def _run_setting(rank, world, name, kw, extra, seed, sizes, backend="cpu"):
     if extra.get("nan_ignored") and lo <= 1 < hi:
         f_local[1 - lo] = float("nan")  # sample 1 is ignored (_data): it must change nothing
     f_local.requires_grad_(True)
-    old_block = nkd.TRIPLET_BLOCK_ELEMS
-    nkd.TRIPLET_BLOCK_ELEMS = extra.get("block_elems", old_block)
+    old_block = nkd.sharded.TRIPLET_BLOCK_ELEMS
+    nkd.sharded.TRIPLET_BLOCK_ELEMS = extra.get("block_elems", old_block)
     try:
         loss = sharded(f_local, y[lo:hi])
     finally:
-        nkd.TRIPLET_BLOCK_ELEMS = old_block
+        nkd.sharded.TRIPLET_BLOCK_ELEMS = old_block
 
     cotangent = torch.linspace(0.5, 1.5, loss_single.numel(), dtype=loss_single.dtype)
     (loss_single * cotangent.view_as(loss_single)).sum().backward()
@@ -261,7 +261,8 @@ def _triton_worker(rank, world, init_file, result_dir):
     errors = []
     try:
         if not normface_kernels.has_triton():
-            errors.append("SKIP " + normface_kernels.functional._triton_status()[1])
+            reason = normface_kernels.backends.REGISTRY["triton"].unavailable_reason()
+            errors.append("SKIP " + reason)
         else:
             for i, (name, kw, extra) in enumerate(SETTINGS):
                 if name in TRITON_SETTINGS:

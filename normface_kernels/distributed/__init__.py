@@ -61,10 +61,5 @@ from .memory import (OPTIMIZER_STATES, memory_per_rank, memory_table,  # noqa: F
 from .memory import main as _main  # noqa: F401 (python -m normface_kernels.distributed)
 from .sharded import ShardedNormFaceLoss, shard_range  # noqa: F401
 
-# Non-hardest C-triplet: agents per block are chosen so that a block has ~this many (B x block)
-# distances; only one block lives at a time, forward and backward. Read at every step: set it
-# here (normface_kernels.distributed.TRIPLET_BLOCK_ELEMS = n).
-TRIPLET_BLOCK_ELEMS = 1 << 20
-
 __all__ = ["ShardedNormFaceLoss", "shard_range", "memory_per_rank", "memory_table",
            "print_memory_table"]

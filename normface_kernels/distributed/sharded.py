@@ -8,8 +8,8 @@ import math
 
 import torch
 
-from .. import checks, functional as F
-from ..losses import DEFAULTS, LOSS_TABLE, LossOptions, ShardStep, kernel_op
+from .. import backends, checks, functional as F
+from ..losses import DEFAULTS, LOSS_TABLE, LossOptions, ShardStep
 from ..modules import LossModule
 from . import collectives
 
@@ -24,11 +24,10 @@ def shard_range(num_classes, world_size, rank):
     return start, start + base + (1 if rank < extra else 0)
 
 
-def _triplet_block_elems():
-    # A setting of the package (normface_kernels.distributed.TRIPLET_BLOCK_ELEMS), read at each
-    # step so that setting it there takes effect.
-    from .. import distributed
-    return distributed.TRIPLET_BLOCK_ELEMS
+# Non-hardest C-triplet: agents per block are chosen so that a block has ~this many (B x block)
+# distances; only one block lives at a time, forward and backward. Read at every step: set it
+# here (normface_kernels.distributed.sharded.TRIPLET_BLOCK_ELEMS = n).
+TRIPLET_BLOCK_ELEMS = 1 << 20
 
 
 class ShardedNormFaceLoss(LossModule):
@@ -139,11 +138,11 @@ class ShardedNormFaceLoss(LossModule):
     def _ops(self, device):
         """name -> torch.ops.normface.<name> (or its triton_ twin) for the backend of
         `device`."""
-        backend = F.resolve_backend(self.backend, device)
-        if backend == "reference":
+        backend = backends.resolve(self.backend, device)
+        if backend.name == "reference":
             raise RuntimeError(f"ShardedNormFaceLoss needs compiled kernels for {device} tensors "
                                "(cpu, cuda or triton backend); none is available")
-        return lambda name: kernel_op(name, backend)
+        return backend.op
 
     def _sample_shard(self, labels_all, valid):
         """The agents this step uses: (weight (n, D), op labels, class_start, num_classes).
@@ -198,7 +197,7 @@ class ShardedNormFaceLoss(LossModule):
             class_starts=self._class_starts, scale=lambda: self._scale(f_all),
             gather=lambda x: collectives.gather_replicated(x, group),
             copy_to_shards=lambda x: collectives.copy_to_shards(x, group),
-            triplet_block_elems=_triplet_block_elems())
+            triplet_block_elems=TRIPLET_BLOCK_ELEMS)
 
         # Every term's partials (T, B) in one all-gather: the main loss's, then the aux's.
         entries = [LOSS_TABLE[self.loss]] + ([] if self.aux is None else [LOSS_TABLE[self.aux]])
