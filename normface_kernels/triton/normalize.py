@@ -86,7 +86,8 @@ def _unit_backward_kernel(x_ptr, g_ptr, extra_ptr, out_ptr, R, D, stride_xr, str
 
 
 def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """checks.acc_dtype as a Triton dtype."""
+    return {torch.float32: tl.float32, torch.float64: tl.float64}[acc_dtype(dtype)]
 
 
 def row_norms(x, eps=EPS):
