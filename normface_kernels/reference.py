@@ -10,9 +10,12 @@ values *and* derivatives. Shapes:
     scale     float or 0-dim tensor (paper's s; a tensor with requires_grad is the learned scale)
 
 Per-sample losses are computed in float32 (float64 for float64 inputs) and returned in that
-dtype; ``reduce_loss`` applies "mean" | "sum" | "none".
+dtype; ``reduce_loss`` applies "mean" | "sum" | "none". Within ``with input_precision():`` every
+function computes in its inputs' own dtype instead: plain PyTorch in float16 or bfloat16, the
+yardstick of the contract's tolerance rule ("Backends").
 """
 
+import contextlib
 import math
 
 import torch
@@ -21,9 +24,28 @@ import torch
 COS_CLAMP = 1e-7
 
 
-def _acc_dtype(x):
-    """float32 accumulation for every input dtype; float64 stays float64 (gradcheck)."""
+_IN_INPUT_PRECISION = False
+
+
+def acc_dtype(x):
+    """The dtype the functions below compute in for input x: float32 for every input dtype,
+    float64 stays float64 (gradcheck); x's own dtype inside ``input_precision()``."""
+    if _IN_INPUT_PRECISION:
+        return x.dtype
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def input_precision():
+    """Within this context the functions of this module compute in their inputs' own dtype (no
+    float32 accumulation for 16-bit inputs): the plain low-precision PyTorch computation whose
+    error the tolerance rule of docs/contract.md "Backends" allows the kernels twice of."""
+    global _IN_INPUT_PRECISION
+    previous, _IN_INPUT_PRECISION = _IN_INPUT_PRECISION, True
+    try:
+        yield
+    finally:
+        _IN_INPUT_PRECISION = previous
 
 
 def _norm(x, eps):
@@ -33,13 +55,13 @@ def _norm(x, eps):
 
 def l2_normalize(x, eps=1e-12):
     """x / sqrt(sum x^2 + eps) along the last dim (paper eq. 3); result in x's dtype."""
-    xa = x.to(_acc_dtype(x))
+    xa = x.to(acc_dtype(x))
     return (xa / _norm(xa, eps)).to(x.dtype)
 
 
 def cosine_logits(features, weight, scale=1.0, eps=1e-12):
     """(B, C) matrix s * cos(f_i, W_j), in the accumulation dtype."""
-    f = features.to(_acc_dtype(features))
+    f = features.to(acc_dtype(features))
     w = weight.to(f.dtype)
     return scale * ((f / _norm(f, eps)) @ (w / _norm(w, eps)).t())
 
@@ -87,7 +109,7 @@ def softmax_logits(features, weight, labels, scale, *, m1=1.0, m2=0.0, m3=0.0, l
     row's label is not ignore_index and is a class of this weight (only those rows have a target
     column; z_y means nothing elsewhere).
     """
-    acc = _acc_dtype(features) if acc is None else acc
+    acc = acc_dtype(features) if acc is None else acc
     f, w = features.to(acc), weight.to(acc)
     s = scale.to(acc) if torch.is_tensor(scale) else scale
     f_norm, w_norm = _norm(f, eps), _norm(w, eps)          # (B, 1), (C, 1)

@@ -1,29 +1,25 @@
 """The chunked path (csrc/chunked) on CPU tensors: the orchestration backend="cuda" runs, here with
 its CPU epilogues (set_cpu_path("chunked")), against the reference.
 
-Every CPU test of the loss ops (test_cosine_softmax, test_agent_losses, test_ops_registration:
-every contract setting, every agent loss and reduction, shards, gradcheck, float32/16-bit tolerance,
-NaN, non-contiguous inputs, opcheck, torch.compile) runs again here on the chunked path with a
-small chunk budget, so that every call walks several chunks. The tests written below add what is
-particular to the chunked path: chunk boundaries, grad_lse, ignored rows holding NaN, a feature of
-norm 1e8 in float64, float16 gradients below float16's subnormal range, the switches.
+The scenarios every backend shares (test_cosine_softmax, test_agent_losses: every contract
+setting, every agent loss and reduction, shards, gradcheck, float32/16-bit tolerance, NaN, ignored
+rows holding NaN, huge norms, float16 gradients below the subnormal range, non-contiguous inputs)
+run on it as conftest's `backend` "cpu_chunked", with a small chunk budget so that every call
+walks several chunks; test_ops_registration's tests (opcheck, torch.compile) run again here. The
+tests written below add what is particular to the chunked path: chunk boundaries, the chunk width,
+the switches.
 """
 
 import pytest
 import torch
-from conftest import SPEC_SETTINGS, budget_for, grads, make_inputs
-from test_agent_losses import *  # noqa: F401,F403  (re-run on the chunked path)
-from test_agent_losses import AGENT_CASES
-from test_cosine_softmax import *  # noqa: F401,F403
-from test_ops_registration import *  # noqa: F401,F403
+from conftest import AGENT_CASES, SMALL_BUDGET, SPEC_SETTINGS, budget_for, grads, make_inputs
+from test_ops_registration import *  # noqa: F401,F403  (re-run on the chunked path)
 
 import normface_kernels as nk
 from normface_kernels import reference
 from normface_kernels.chunking import chunk_budget, cpu_path
 
 ops = torch.ops.normface
-# About 15 classes per chunk and thread at B = 9, D = 6 in float64 on 2 threads (budget_for).
-SMALL_BUDGET = 4096
 
 
 @pytest.fixture(autouse=True)
@@ -81,153 +77,6 @@ def test_chunk_boundaries(classes, C):
     torch.testing.assert_close(loss, e_loss, rtol=1e-9, atol=1e-10)
     for a, b in zip(g, e_g):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
-
-
-# ---------------------------------------------------------------------------------------------
-# Shards and grad_lse through the ops
-# ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name", ["arcface", "sphereface_normalized", "l_softmax",
-                                  "l2_softmax_features_only", "a_softmax_weight_only"])
-@pytest.mark.parametrize("shard", [(0, 23), (5, 14), (14, 23)])
-def test_softmax_shard_with_grad_lse(name, shard):
-    setting = dict(SPEC_SETTINGS[name])
-    scale = setting.pop("scale")
-    start, end = shard
-    f, w_full, y = make_inputs(9, 23, 6, ignore=(4,), seed=start)
-    w = w_full[start:end].detach().clone().requires_grad_()
-    s = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
-    params = (setting.get("m1", 1.0), setting.get("m2", 0.0), setting.get("m3", 0.0),
-              setting.get("lam", 0.0), setting.get("normalize_features", True),
-              setting.get("normalize_weight", True))
-    gl = torch.linspace(0.5, 1.5, 9, dtype=torch.float64)
-    ge = torch.linspace(-0.7, 0.4, 9, dtype=torch.float64)
-
-    def ours():
-        loss, lse = ops.cosine_softmax_forward(f, w, y, s, *params, -100, start, 23)
-        return (loss * gl + lse * ge).sum(), loss, lse
-
-    def exact():
-        loss, lse = reference.softmax_loss_lse(f, w, y, s, class_start=start, **setting)
-        return (loss * gl + lse * ge).sum(), loss, lse
-
-    total, loss, lse = ours()
-    g = torch.autograd.grad(total, (f, w, s))
-    e_total, e_loss, e_lse = exact()
-    e_g = torch.autograd.grad(e_total, (f, w, s))
-    torch.testing.assert_close(loss, e_loss.detach(), rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(lse, e_lse.detach(), rtol=1e-9, atol=1e-10)
-    for what, a, b in zip(("features", "weight", "scale"), g, e_g):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=what)
-
-
-def test_agent_shards():
-    f, w, y = make_inputs(8, 21, 5, ignore=(2,))
-    y[5] = 20
-    kwargs = (0.8, True, False, -100)
-    full_loss, full_hardest = ops.c_triplet_forward(f, w, y, *kwargs, 0, -1)
-    owner_loss = torch.zeros_like(full_loss)
-    for start, end in ((0, 9), (9, 21)):
-        loss, hardest = ops.c_triplet_forward(f, w[start:end], y, *kwargs, start, 21)
-        owns = (y >= start) & (y < end)
-        assert torch.all(loss[~owns] == 0)
-        valid = y != -100
-        assert torch.all(hardest[~valid] == -1) and torch.all(hardest[valid] >= 0)
-        owner_loss = torch.where(owns, loss, owner_loss)
-    # The local hardest of the owning shard is the global one only when it lies there: the
-    # losses agree on the rows whose global hardest is in their own shard.
-    same = ((full_hardest < 9) == (y < 9)) & (y != -100)
-    torch.testing.assert_close(owner_loss[same], full_loss[same])
-    gl = torch.rand(8, dtype=torch.float64)
-    for hardest_only in (True, False):
-        parts = [torch.autograd.grad((ops.c_triplet_forward(
-            f, w[a:b], y, 0.8, hardest_only, True, -100, a, 21)[0] * gl).sum(), f)[0]
-            for a, b in ((0, 9), (9, 21))]
-        assert all(torch.isfinite(p).all() for p in parts)
-
-
-# ---------------------------------------------------------------------------------------------
-# Bad input the chunked path must meet itself (contract "Bad input")
-# ---------------------------------------------------------------------------------------------
-
-LOSSES = {
-    "normface": lambda f, w, y, s: nk.cosine_softmax(f, w, y, s, reduction="sum"),
-    "l_softmax": lambda f, w, y, s: nk.cosine_softmax(
-        f, w, y, s, m1=2.0, normalize_features=False, normalize_weight=False, reduction="sum"),
-    "l2_softmax": lambda f, w, y, s: nk.cosine_softmax(f, w, y, s, normalize_weight=False,
-                                                       m3=0.2, reduction="sum"),
-    **{name: (lambda ours, kw: lambda f, w, y, s: ours(f, w, y, reduction="sum", **kw) * s)(
-        ours, kwargs) for name, (ours, _, kwargs) in AGENT_CASES.items()},
-}
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-@pytest.mark.parametrize("name", sorted(LOSSES))
-def test_ignored_rows_holding_nan_contribute_nothing(name, bad):
-    """Rows with label ignore_index whose features are NaN or inf: the loss, grad_weight and
-    grad_scale are those of the batch without them, and their own gradient is exactly 0."""
-    f, w, y = make_inputs(7, 19, 5, ignore=(1, 4), requires_grad=False)
-    f[1, 2] = bad
-    f[4] = bad
-    keep = y != -100
-    s = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
-    fl, wl = f.clone().requires_grad_(), w.clone().requires_grad_()
-    loss = LOSSES[name](fl, wl, y, s)
-    loss.backward()
-    f2, w2, s2 = (f[keep].clone().requires_grad_(), w.clone().requires_grad_(),
-                  s.detach().clone().requires_grad_())
-    expect = LOSSES[name](f2, w2, y[keep], s2)
-    expect.backward()
-    torch.testing.assert_close(loss, expect)
-    torch.testing.assert_close(wl.grad, w2.grad)
-    torch.testing.assert_close(fl.grad[keep], f2.grad)
-    assert torch.all(fl.grad[~keep] == 0)
-    torch.testing.assert_close(s.grad, s2.grad)
-
-
-@pytest.mark.parametrize("name", ["plain_softmax", "l_softmax", "a_softmax_weight_only",
-                                  "normface"])
-def test_unnormalized_feature_of_norm_1e8_float64(name):
-    """The backward recomputes each logit bit-identically to the forward: a feature of norm 1e8
-    (logits ~1e8) keeps an exact gradient."""
-    setting = dict(SPEC_SETTINGS[name])
-    scale = setting.pop("scale")
-    f, w, y = make_inputs(6, 13, 5, requires_grad=False, seed=4)
-    f[2] *= 1e8 / f[2].norm()
-    f[3] *= 1e-3
-    f.requires_grad_()
-    w.requires_grad_()
-    loss, g = grads(lambda: nk.cosine_softmax(f, w, y, scale, reduction="none", **setting), f, w)
-    e_loss, e_g = grads(lambda: reference.cosine_softmax(f, w, y, scale, **setting), f, w)
-    torch.testing.assert_close(loss, e_loss, rtol=1e-9, atol=1e-6)
-    for a, b in zip(g, e_g):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9 * b.abs().max().item())
-
-
-def test_float16_gradients_below_the_subnormal_range():
-    """float16, s = 64: each dL/dz of a wrong class is ~1e-8, below float16's smallest subnormal
-    (6e-8), but C of them add up -- coherently here: the wrong agents share the direction e_3 --
-    to the whole e_3 component of grad_features. The gradient operand's power-of-two scaling keeps
-    them (cast unscaled, they would round to 0 and so would that component)."""
-    B, C, D = 4, 10_000, 16
-    g = torch.Generator().manual_seed(0)
-    e = torch.eye(D, dtype=torch.float64)
-    w = e[3] + 0.002 * torch.randn(C, D, generator=g, dtype=torch.float64)
-    w[0] = e[1]
-    y = torch.zeros(B, dtype=torch.int64)
-    f = 0.35 * e[1] + 0.937 * e[2] + 0.001 * torch.randn(B, D, generator=g,
-                                                         dtype=torch.float64)
-    f16, w16 = f.half().requires_grad_(), w.half().requires_grad_()
-    f64, w64 = f16.detach().double().requires_grad_(), w16.detach().double().requires_grad_()
-    nk.cosine_softmax(f16, w16, y, 64.0, reduction="sum").backward()
-    reference.cosine_softmax(f64, w64, y, 64.0).sum().backward()
-    p_wrong = torch.softmax(64.0 * reference.cosine_logits(f64, w64), dim=1)[:, 1:]
-    assert (64.0 * p_wrong).max() < 3e-8            # each rounds to 0 in float16
-    exact, ours = f64.grad[:, 3], f16.grad[:, 3].double()
-    assert exact.abs().min() > 0.5 * f64.grad.abs().max()  # a leading component
-    err = ((ours - exact).abs() / exact.abs()).max().item()
-    assert err < 1e-2, f"grad_features e_3 component: relative error {err:.3g}"
 
 
 def test_results_do_not_depend_on_the_chunk_width():

@@ -10,8 +10,9 @@ Stages, in order; each has its own time cap inside an overall budget (--budget, 
 and a failing or timed-out stage does not stop the later ones:
     build          the extension against this machine's torch (MAX_JOBS=nproc, sm_90, ptxas -v)
     cuda-resources registers / spills / stack of every CUDA kernel (scripts/cuda_resource_check)
-    cuda-tests     python_tests/test_cuda_*.py on the GPU
-    triton-tests   python_tests/test_triton*.py, compiled (no interpreter)
+    cuda-tests     python_tests/test_cuda_*.py and the shared scenarios' cuda cases on the GPU
+    triton-tests   python_tests/test_triton*.py and the shared scenarios' triton cases, compiled
+                   (no interpreter)
     sync-graph     a training step under torch.cuda.set_sync_debug_mode("error") with the data
                    checks off, and its capture and replay in a CUDA graph (scripts/gpu_smoke_graph)
     nccl           a 1-rank NCCL ShardedNormFaceLoss step against NormFaceLoss (gpu_smoke_nccl)
@@ -68,6 +69,7 @@ def stages(py, out, bench_dir, jobs):
     xdist = _has_module(py, "xdist")
     parallel = (lambda n: ["-n", str(n)]) if xdist else (lambda n: [])
     pytest = [py, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider"]
+    shared = ["python_tests/test_cosine_softmax.py", "python_tests/test_agent_losses.py"]
     sanitizer = [find_tool("compute-sanitizer"), "--error-exitcode", "1", "--print-limit", "20"]
     smoke_ops = [py, "scripts/gpu_smoke_ops.py", "--device", "cuda", "--backends", "cuda"]
     bench = [py, "-m", "normface_kernels.bench", "--out", bench_dir, "--no-progress"]
@@ -81,13 +83,18 @@ def stages(py, out, bench_dir, jobs):
               what="no local memory in any CUDA kernel (sm_90)"),
         # The property-based fuzz's CUDA cases too (random shapes, margins, dtypes, NaN rows
         # against the float64 reference; hypothesis is on the project's GPU machine).
+        # The scenarios every backend shares (conftest's `backend` fixture) run in
+        # test_cosine_softmax.py and test_agent_losses.py: their cuda / triton cases here.
         Stage("cuda-tests", 210, [pytest + ["python_tests/test_cuda_backend.py",
                                             "python_tests/test_cuda_registration.py"]
                                   + parallel(4),
+                                  pytest + shared + ["-k", "cuda"] + parallel(4),
                                   pytest + ["python_tests/test_fuzz.py", "-k", "cuda"]
                                   + parallel(4)], "tests.log"),
         Stage("triton-tests", 180, [pytest + ["python_tests/test_triton.py",
                                               "python_tests/test_triton_registration.py"]
+                                    + parallel(min(jobs, 8)),
+                                    pytest + shared + ["-k", "triton"]
                                     + parallel(min(jobs, 8))], "tests.log"),
         Stage("sync-graph", 120, [[py, "scripts/gpu_smoke_graph.py"]], "smoke.log"),
         Stage("nccl", 90, [[py, "scripts/gpu_smoke_nccl.py", "--device", "cuda"]], "smoke.log"),
