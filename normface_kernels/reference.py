@@ -20,8 +20,10 @@ import math
 
 import torch
 
-# Clamp of cos(theta) before arccos (contract: theta = arccos(clamp(cos, -1 + 1e-7, 1 - 1e-7))).
-COS_CLAMP = 1e-7
+from . import checks
+# The contract's constants: the eps of every norm, sqrt(sum x^2 + EPS), and the clamp of a
+# cosine before arccos, theta = arccos(clamp(cos, -1 + COS_CLAMP, 1 - COS_CLAMP)).
+from .checks import COS_CLAMP, EPS
 
 
 _IN_INPUT_PRECISION = False
@@ -30,9 +32,7 @@ _IN_INPUT_PRECISION = False
 def acc_dtype(x):
     """The dtype the functions below compute in for input x: float32 for every input dtype,
     float64 stays float64 (gradcheck); x's own dtype inside ``input_precision()``."""
-    if _IN_INPUT_PRECISION:
-        return x.dtype
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.dtype if _IN_INPUT_PRECISION else checks.acc_dtype(x.dtype)
 
 
 @contextlib.contextmanager
@@ -53,13 +53,13 @@ def _norm(x, eps):
     return torch.sqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-def l2_normalize(x, eps=1e-12):
+def l2_normalize(x, eps=EPS):
     """x / sqrt(sum x^2 + eps) along the last dim (paper eq. 3); result in x's dtype."""
     xa = x.to(acc_dtype(x))
     return (xa / _norm(xa, eps)).to(x.dtype)
 
 
-def cosine_logits(features, weight, scale=1.0, eps=1e-12):
+def cosine_logits(features, weight, scale=1.0, eps=EPS):
     """(B, C) matrix s * cos(f_i, W_j), in the accumulation dtype."""
     f = features.to(acc_dtype(features))
     w = weight.to(f.dtype)
@@ -73,14 +73,24 @@ def psi(cos_target, m1=1.0, m2=0.0, m3=0.0):
     Without an angular margin (m1 = 1, m2 = 0) cos(arccos(c)) is c itself, so psi is computed as
     clamp(c) - m3 directly: the same number, without the round trip through arccos.
     """
-    c = cos_target.clamp(-1.0 + COS_CLAMP, 1.0 - COS_CLAMP)
+    return psi_and_derivative(cos_target, m1, m2, m3)[0]
+
+
+def psi_and_derivative(cos_target, m1=1.0, m2=0.0, m3=0.0):
+    """(psi, d psi / d cos) at cos_target: the derivative in closed form, for the backends whose
+    backward is written out (the Triton target terms); 0 outside the clamp, as autograd of psi
+    gives. The reference itself differentiates psi with autograd."""
+    lo, hi = -1.0 + COS_CLAMP, 1.0 - COS_CLAMP
+    c = cos_target.clamp(lo, hi)
+    inside = ((cos_target >= lo) & (cos_target <= hi)).to(c.dtype)
     if m1 == 1.0 and m2 == 0.0:
-        return c - m3
+        return c - m3, inside
     theta = torch.arccos(c)
     angle = m1 * theta + m2
     k = torch.floor(angle / math.pi).detach()
     sign = 1.0 - 2.0 * torch.remainder(k, 2.0)  # (-1)^k
-    return sign * torch.cos(angle) - 2.0 * k - m3
+    dpsi = inside * sign * m1 * torch.sin(angle) / torch.sqrt(1.0 - c * c)
+    return sign * torch.cos(angle) - 2.0 * k - m3, dpsi.detach()
 
 
 def _valid(labels, ignore_index):
@@ -98,7 +108,7 @@ def _keep_valid_rows(features, labels, ignore_index):
 
 def softmax_logits(features, weight, labels, scale, *, m1=1.0, m2=0.0, m3=0.0, lam=0.0,
                    normalize_features=True, normalize_weight=True, ignore_index=-100,
-                   class_start=0, columns=None, acc=None, eps=1e-12):
+                   class_start=0, columns=None, acc=None, eps=EPS):
     """The logits of the contract ("Cosine softmax ..."): z_ij = s a_i b_j cos_ij, and in the
     target column z_iy = s a_i b_y t_i.
 
@@ -145,7 +155,7 @@ def softmax_loss_lse(features, weight, labels, scale, *, ignore_index=-100, **kw
 
 
 def cosine_softmax(features, weight, labels, scale=30.0, *, m1=1.0, m2=0.0, m3=0.0, lam=0.0,
-                   normalize_features=True, normalize_weight=True, ignore_index=-100, eps=1e-12):
+                   normalize_features=True, normalize_weight=True, ignore_index=-100, eps=EPS):
     """Per-sample loss_i = logsumexp_j z_ij - z_iy (contract: "Cosine softmax ..."), (B,)."""
     features, _ = _keep_valid_rows(features, labels, ignore_index)
     loss, _ = softmax_loss_lse(features, weight, labels, scale, m1=m1, m2=m2, m3=m3, lam=lam,
@@ -175,7 +185,7 @@ def _target_distance(d, labels, ignore_index):
 
 
 def c_contrastive(features, weight, labels, *, pos_margin=0.0, neg_margin=1.0, ignore_index=-100,
-                  eps=1e-12):
+                  eps=EPS):
     """Paper eq. 10 with agents: relu(d_iy - pos_margin) + sum_{j != y} relu(neg_margin - d_ij)."""
     d, valid, onehot, d_y = _agent_setup(features, weight, labels, ignore_index, eps)
     negatives = torch.where(onehot, torch.zeros_like(d), torch.relu(neg_margin - d)).sum(dim=1)
@@ -184,7 +194,7 @@ def c_contrastive(features, weight, labels, *, pos_margin=0.0, neg_margin=1.0, i
 
 
 def c_triplet(features, weight, labels, *, margin=0.8, hardest_only=True, center=False,
-              ignore_index=-100, eps=1e-12):
+              ignore_index=-100, eps=EPS):
     """Paper eq. 11 with agents; hardest_only uses the nearest wrong agent (first on ties)."""
     d, valid, onehot, d_y = _agent_setup(features, weight, labels, ignore_index, eps)
     if hardest_only:
@@ -200,7 +210,7 @@ def c_triplet(features, weight, labels, *, margin=0.8, hardest_only=True, center
     return torch.where(valid, loss, torch.zeros_like(loss))
 
 
-def center_loss(features, weight, labels, *, ignore_index=-100, eps=1e-12):
+def center_loss(features, weight, labels, *, ignore_index=-100, eps=EPS):
     """Center loss on the hypersphere: d_iy = 2 - 2 cos_iy."""
     _, valid, _, d_y = _agent_setup(features, weight, labels, ignore_index, eps)
     return torch.where(valid, d_y, torch.zeros_like(d_y))

@@ -6,7 +6,6 @@ call" and "Target logit"): B + C floats, saved for the backward, which never re-
     cos_iy, t_i = t(cos_iy), t'_i = dt/dcos    (a B-length dot, then the contract's margin function)
 """
 
-import math
 from types import SimpleNamespace
 
 import torch
@@ -14,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import config
-from ..checks import COS_CLAMP
+from .. import reference
 from .normalize import row_norms
 from .tiles import launch, row_ids, wrap_triton
 
@@ -31,20 +30,10 @@ def local_targets(labels, ignore_index, class_start, num_local):
 
 
 def margin_target(cos_y, m1, m2, m3, lam):
-    """t_i and dt_i/dcos_iy of the contract's margin function (csrc/common.h margin_target), over B
-    values: psi(theta) = (-1)^k cos(m1 theta + m2) - 2k - m3, t = (lam cos + psi) / (1 + lam)."""
-    lo, hi = -1.0 + COS_CLAMP, 1.0 - COS_CLAMP
-    c = cos_y.clamp(lo, hi)
-    inside = ((cos_y >= lo) & (cos_y <= hi)).to(cos_y.dtype)
-    if m1 == 1.0 and m2 == 0.0:
-        psi, dpsi = c - m3, inside
-    else:
-        theta = torch.arccos(c)
-        angle = m1 * theta + m2
-        k = torch.floor(angle / math.pi)
-        sign = 1.0 - 2.0 * (k - 2.0 * torch.floor(k / 2.0))  # (-1)^k
-        psi = sign * torch.cos(angle) - 2.0 * k - m3
-        dpsi = inside * sign * m1 * torch.sin(angle) / torch.sqrt(1.0 - c * c)
+    """t_i and dt_i/dcos_iy of the contract's margin function over B values (the reference's
+    psi and its closed-form derivative; csrc/common.h margin_target for C++):
+    t = (lam cos + psi) / (1 + lam)."""
+    psi, dpsi = reference.psi_and_derivative(cos_y, m1, m2, m3)
     return (lam * cos_y + psi) / (1.0 + lam), (lam + dpsi) / (1.0 + lam)
 
 
