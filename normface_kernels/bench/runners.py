@@ -25,9 +25,8 @@ import math
 
 import torch
 
-from .. import chunking
+from .. import chunking, reference
 from .. import functional as nf_functional
-from .. import reference
 from .grid import OPS
 
 OURS = ("reference", "cpu", "cpu_chunked", "triton", "cuda")
@@ -204,8 +203,7 @@ def _torch_lce(op, inputs):
 
 
 def _liger(op, inputs):
-    from liger_kernel.ops.fused_linear_cross_entropy import (
-        LigerFusedLinearCrossEntropyFunction)
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
     e, c = inputs.prenormalized(OPS[op].options["scale"])
     y = inputs.labels
     return Runner("liger_flce", lambda: LigerFusedLinearCrossEntropyFunction.apply(e, c, y)[0],
