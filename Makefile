@@ -9,15 +9,30 @@ PY := $(VENV)/bin/python
 GPU_PY ?= python3
 DIR ?= gpu-check-out
 
-.PHONY: setup bench test cmake-test aot-check cuda-check ci-oldest gpu-check gpu-check-dry-run
+.PHONY: setup bench test lint format cmake-test aot-check cuda-check ci-oldest gpu-check \
+	gpu-check-dry-run
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
 bench: setup
-	$(PY) -m normface_kernels.bench $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')") $(BENCH_ARGS)
+	$(PY) -m normface_kernels.bench \
+	  $$($(PY) -c "import torch; print('' if torch.cuda.is_available() else '--quick')") $(BENCH_ARGS)
 
 test: setup
 	$(PY) -m pytest python_tests -q -ra $(TEST_ARGS)
+
+# ruff over the Python (rules in pyproject.toml) and clang-format over csrc/ (style in
+# .clang-format); fails on any finding. Both are pinned in scripts/setup.sh. `make format` applies
+# clang-format and ruff's safe fixes in place.
+CSRC_FILES = $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh')
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run -Werror $(CSRC_FILES)
+	@echo "== lint: ruff and clang-format clean"
+
+format: setup
+	$(VENV)/bin/clang-format -i $(CSRC_FILES)
+	$(VENV)/bin/ruff check --fix .
 
 # The same csrc/ built with CMake as a plain libtorch library, loaded and used from Python.
 cmake-test: setup

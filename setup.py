@@ -1,4 +1,5 @@
-"""Builds normface_kernels._C: the CPU kernels always, the CUDA kernels when a CUDA toolkit is usable.
+"""Builds normface_kernels._C: the CPU kernels always, the CUDA kernels when a CUDA toolkit is
+usable.
 
 Whether CUDA sources are compiled is decided by the toolkit (CUDA_HOME with a working nvcc) and by
 the switch NORMFACE_NO_CUDA=1 -- never by whether a GPU is visible, so a GPU-less build machine
@@ -48,16 +49,6 @@ def _pip_cuda_include_dirs():
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
-def _cutlass_include_dirs():
-    try:
-        import cutlass_library  # PyPI package nvidia-cutlass
-    except ImportError:
-        return []
-    root = os.path.join(os.path.dirname(cutlass_library.__file__), "source")
-    return [d for d in (os.path.join(root, "include"), os.path.join(root, "tools", "util", "include"))
-            if os.path.isdir(d)]
-
-
 def _write_build_info(cuda, why_not, torch_version):
     """normface_kernels/_build_info.py: whether csrc/cuda was compiled and, if not, why -- so the
     tests can tell a deliberate CPU-only build (skip) from a CUDA build that went missing (fail)."""
@@ -78,7 +69,6 @@ def _extensions():
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "chunked", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cuda_sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
 
     no_cuda_switch = os.environ.get("NORMFACE_NO_CUDA", "0") == "1"
     want_cuda = not no_cuda_switch and torch.version.cuda is not None
@@ -101,7 +91,7 @@ def _extensions():
         os.environ["CUDA_HOME"] = cuda_home
         cpp_extension.CUDA_HOME = cuda_home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
-        include_dirs += _pip_cuda_include_dirs() + _cutlass_include_dirs()
+        include_dirs += _pip_cuda_include_dirs()
         # -Xptxas=-v: registers, stack frame and spill bytes of every kernel, per architecture.
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v",
                          "-DNORMFACE_PYTHON_MODULE"]

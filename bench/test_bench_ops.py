@@ -17,7 +17,11 @@ pytest.importorskip("pytest_benchmark")
 
 from normface_kernels.bench.grid import OPS, Case  # noqa: E402
 from normface_kernels.bench.runners import (  # noqa: E402
-    Inputs, make_runner, pass_steps, unavailable_reason)
+    Inputs,
+    make_runner,
+    pass_steps,
+    unavailable_reason,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DEFAULT_SHAPE = {"cpu": (256, 128, 8192, "float32"), "cuda": (4096, 512, 131_072, "bfloat16")}

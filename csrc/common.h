@@ -87,8 +87,9 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
 
 // float64 is served on the CPU only (contract: it is there for gradcheck).
 inline void check_float64_on_cpu(const at::Tensor& features) {
-  TORCH_CHECK(features.is_cpu() || features.scalar_type() != at::kDouble,
-              "features: float64 is supported on CPU only, got float64 on ", features.device());
+  TORCH_CHECK_VALUE(features.is_cpu() || features.scalar_type() != at::kDouble,
+                    "features: float64 is supported on CPU only, got float64 on ",
+                    features.device());
 }
 
 // Whether t holds data a check can read: not a meta tensor, nor a fake / functional tensor of
@@ -119,43 +120,44 @@ inline bool data_checks_on(const at::Tensor& t, bool check_data = true) {
 // `name` lives on the device of features. A meta tensor mixed with real ones is an error: the
 // dispatcher would otherwise run a kernel on a tensor that has no data.
 inline void check_defined(const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
+  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor, got None");
 }
 
 inline void check_device(const char* name, const at::Tensor& t, const at::Tensor& features) {
   check_defined(name, t);
-  TORCH_CHECK(t.device() == features.device(), name, " must be on the device of features (",
-              features.device(), "), got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == features.device(), name, " must be on the device of features (",
+                    features.device(), "), got ", t.device());
 }
 
 // A number argument that must be finite (margins, hinge margins).
 inline void check_finite(const char* name, double value) {
-  TORCH_CHECK(std::isfinite(value), name, " must be finite, got ", value);
+  TORCH_CHECK_VALUE(std::isfinite(value), name, " must be finite, got ", value);
 }
 
 // Margins (contract): m1 >= 1 (psi is monotone on [0, pi] only then), m2, m3 finite, lam >= 0.
 inline void check_margins(double m1, double m2, double m3, double lam) {
-  TORCH_CHECK(std::isfinite(m1) && m1 >= 1.0, "m1 must be finite and >= 1, got ", m1);
+  TORCH_CHECK_VALUE(std::isfinite(m1) && m1 >= 1.0, "m1 must be finite and >= 1, got ", m1);
   check_finite("m2", m2);
   check_finite("m3", m3);
-  TORCH_CHECK(std::isfinite(lam) && lam >= 0.0, "lam must be finite and >= 0, got ", lam);
+  TORCH_CHECK_VALUE(std::isfinite(lam) && lam >= 0.0, "lam must be finite and >= 0, got ", lam);
 }
 
 // eps inside the root of a norm: finite and >= 0 (a negative eps can make the root NaN).
 inline void check_eps(double eps) {
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0, got ", eps);
 }
 
 // Rows [class_start, class_start + C) of num_classes (-1 means C), without int64 overflow.
 inline int64_t check_shard(int64_t class_start, int64_t num_classes, const at::Tensor& weight) {
   const int64_t C = weight.size(0);
-  TORCH_CHECK(num_classes >= -1, "num_classes must be -1 (meaning C) or >= C = ", C, ", got ",
-              num_classes);
+  TORCH_CHECK_VALUE(num_classes >= -1, "num_classes must be -1 (meaning C) or >= C = ", C, ", got ",
+                    num_classes);
   const int64_t n = num_classes < 0 ? C : num_classes;
   // class_start + C <= n written as class_start <= n - C: n >= 0 and C >= 0 cannot overflow.
-  TORCH_CHECK(class_start >= 0 && n >= C && class_start <= n - C,
-              "class_start/num_classes must describe a shard of the classes, got class_start ",
-              class_start, ", num_classes ", n, " for weight ", weight.sizes());
+  TORCH_CHECK_VALUE(
+      class_start >= 0 && n >= C && class_start <= n - C,
+      "class_start/num_classes must describe a shard of the classes, got class_start ", class_start,
+      ", num_classes ", n, " for weight ", weight.sizes());
   return n;
 }
 
@@ -164,19 +166,20 @@ inline int64_t check_shard(int64_t class_start, int64_t num_classes, const at::T
 inline void check_pair(const at::Tensor& features, const at::Tensor& weight) {
   check_defined("features", features);
   check_defined("weight", weight);
-  TORCH_CHECK(features.dim() == 2, "features must be 2-D (B, D), got shape ", features.sizes());
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D (C, D), got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(features.dim() == 2, "features must be 2-D (B, D), got shape ",
+                    features.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (C, D), got shape ", weight.sizes());
   check_device("weight", weight, features);
-  TORCH_CHECK(features.size(1) == weight.size(1),
-              "features and weight must have the same D, got features ", features.sizes(),
-              " and weight ", weight.sizes());
-  TORCH_CHECK(weight.size(0) > 0, "weight must have at least one class (C > 0), got shape ",
-              weight.sizes());
-  TORCH_CHECK(at::isFloatingType(features.scalar_type()),
-              "features must be a floating tensor, got ", features.scalar_type());
-  TORCH_CHECK(features.scalar_type() == weight.scalar_type(),
-              "weight must have the dtype of features (", features.scalar_type(), "), got ",
-              weight.scalar_type());
+  TORCH_CHECK_VALUE(features.size(1) == weight.size(1),
+                    "features and weight must have the same D, got features ", features.sizes(),
+                    " and weight ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) > 0, "weight must have at least one class (C > 0), got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(features.scalar_type()),
+                    "features must be a floating tensor, got ", features.scalar_type());
+  TORCH_CHECK_VALUE(features.scalar_type() == weight.scalar_type(),
+                    "weight must have the dtype of features (", features.scalar_type(), "), got ",
+                    weight.scalar_type());
 }
 
 // The metadata checks of every loss op: the pair, labels (B,) int64 on features' device, the
@@ -186,13 +189,13 @@ inline int64_t check_loss_inputs(const at::Tensor& features, const at::Tensor& w
                                  int64_t num_classes) {
   check_pair(features, weight);
   check_defined("labels", labels);
-  TORCH_CHECK(labels.dim() == 1, "labels must be 1-D (B,), got shape ", labels.sizes());
+  TORCH_CHECK_VALUE(labels.dim() == 1, "labels must be 1-D (B,), got shape ", labels.sizes());
   check_device("labels", labels, features);
-  TORCH_CHECK(labels.size(0) == features.size(0),
-              "labels must have one entry per row of features, got labels ", labels.sizes(),
-              " and features ", features.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ",
-              labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.size(0) == features.size(0),
+                    "labels must have one entry per row of features, got labels ", labels.sizes(),
+                    " and features ", features.sizes());
+  TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong, "labels must be int64, got ",
+                    labels.scalar_type());
   return check_shard(class_start, num_classes, weight);
 }
 
@@ -200,13 +203,13 @@ inline int64_t check_loss_inputs(const at::Tensor& features, const at::Tensor& w
 // next to accelerator features (never next to meta ones). Its value is check_values'.
 inline void check_scale(const at::Tensor& scale, const at::Tensor& features) {
   check_defined("scale", scale);
-  TORCH_CHECK(scale.numel() == 1, "scale must be a single number (0-dim tensor), got shape ",
-              scale.sizes());
-  TORCH_CHECK(at::isFloatingType(scale.scalar_type()), "scale must be floating, got ",
-              scale.scalar_type());
-  TORCH_CHECK(scale.device() == features.device() || (scale.is_cpu() && !features.is_meta()),
-              "scale must be on the device of features (", features.device(), "), got ",
-              scale.device());
+  TORCH_CHECK_VALUE(scale.numel() == 1, "scale must be a single number (0-dim tensor), got shape ",
+                    scale.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(scale.scalar_type()), "scale must be floating, got ",
+                    scale.scalar_type());
+  TORCH_CHECK_VALUE(scale.device() == features.device() || (scale.is_cpu() && !features.is_meta()),
+                    "scale must be on the device of features (", features.device(), "), got ",
+                    scale.device());
 }
 
 // The data checks of an op: labels (if defined) in [0, n) or equal to ignore_index, scale (if
@@ -221,8 +224,8 @@ inline void check_values(const at::Tensor& labels, int64_t ignore_index, int64_t
   if (read_scale && read_labels && scale.device() != labels.device()) {
     // A CPU number next to CUDA labels: reading it costs no sync, and no copy is needed.
     const double value = scale.item<double>();
-    TORCH_CHECK(std::isfinite(value) && value > 0.0, "scale must be finite and > 0, got ",
-                value);
+    TORCH_CHECK_VALUE(std::isfinite(value) && value > 0.0, "scale must be finite and > 0, got ",
+                      value);
     read_scale = false;
   }
   if (!read_labels && !read_scale) return;
@@ -239,36 +242,37 @@ inline void check_values(const at::Tensor& labels, int64_t ignore_index, int64_t
   const at::Tensor read = at::stack(flags).to(at::kCPU);  // the one host read
   const bool* bad = read.data_ptr<bool>();
   if (read_labels) {
-    TORCH_CHECK(!bad[0], "labels must be in [0, ", n, ") or equal ignore_index (", ignore_index,
-                "); got ", labels.masked_select(bad_labels).flatten()[0].item<int64_t>());
+    TORCH_CHECK_VALUE(!bad[0], "labels must be in [0, ", n, ") or equal ignore_index (",
+                      ignore_index, "); got ",
+                      labels.masked_select(bad_labels).flatten()[0].item<int64_t>());
   }
   if (read_scale) {
-    TORCH_CHECK(!bad[read_labels ? 1 : 0], "scale must be finite and > 0, got ",
-                scale.item<double>());
+    TORCH_CHECK_VALUE(!bad[read_labels ? 1 : 0], "scale must be finite and > 0, got ",
+                      scale.item<double>());
   }
 }
 
 // A per-sample tensor of a backward op (grad_loss, grad_lse, lse): floating, shape (B,).
 inline void check_per_sample(const char* name, const at::Tensor& t, const at::Tensor& features) {
   check_device(name, t, features);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == features.size(0), name,
-              " must have shape (B,) = (", features.size(0), "), got ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be floating, got ",
-              t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == features.size(0), name,
+                    " must have shape (B,) = (", features.size(0), "), got ", t.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), name, " must be floating, got ",
+                    t.scalar_type());
 }
 
 // c_triplet's hardest (B,) int64: a local class in [0, C) or -1 (data check for the range).
 inline void check_hardest(const at::Tensor& hardest, const at::Tensor& features,
                           const at::Tensor& weight, bool check_data) {
   check_device("hardest", hardest, features);
-  TORCH_CHECK(hardest.dim() == 1 && hardest.size(0) == features.size(0) &&
-                  hardest.scalar_type() == at::kLong,
-              "hardest must be int64 of shape (B,) = (", features.size(0), "), got ",
-              hardest.scalar_type(), " of shape ", hardest.sizes());
+  TORCH_CHECK_VALUE(hardest.dim() == 1 && hardest.size(0) == features.size(0) &&
+                        hardest.scalar_type() == at::kLong,
+                    "hardest must be int64 of shape (B,) = (", features.size(0), "), got ",
+                    hardest.scalar_type(), " of shape ", hardest.sizes());
   if (hardest.numel() > 0 && data_checks_on(hardest, check_data)) {
     const at::Tensor bad = (hardest < -1) | (hardest >= weight.size(0));
-    TORCH_CHECK(!bad.any().item<bool>(), "hardest must be in [-1, ", weight.size(0), "), got ",
-                hardest.masked_select(bad).flatten()[0].item<int64_t>());
+    TORCH_CHECK_VALUE(!bad.any().item<bool>(), "hardest must be in [-1, ", weight.size(0),
+                      "), got ", hardest.masked_select(bad).flatten()[0].item<int64_t>());
   }
 }
 
@@ -277,21 +281,21 @@ inline void check_hardest(const at::Tensor& hardest, const at::Tensor& features,
 
 inline void check_normalize_args(const at::Tensor& x, double eps) {
   check_defined("x", x);
-  TORCH_CHECK(x.dim() >= 1, "x must have at least one dim, got a 0-dim tensor");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x must have at least one dim, got a 0-dim tensor");
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "x must be floating, got ",
+                    x.scalar_type());
   check_eps(eps);
 }
 
-inline void check_normalize_backward_args(const at::Tensor& grad, const at::Tensor& x,
-                                          double eps) {
+inline void check_normalize_backward_args(const at::Tensor& grad, const at::Tensor& x, double eps) {
   check_normalize_args(x, eps);
   check_defined("grad", grad);
-  TORCH_CHECK(grad.device() == x.device(), "grad must be on the device of x (", x.device(),
-              "), got ", grad.device());
-  TORCH_CHECK(grad.sizes() == x.sizes(), "grad must have the shape of x, got grad ",
-              grad.sizes(), " and x ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), "grad must be floating, got ",
-              grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.device() == x.device(), "grad must be on the device of x (", x.device(),
+                    "), got ", grad.device());
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "grad must have the shape of x, got grad ",
+                    grad.sizes(), " and x ", x.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(grad.scalar_type()), "grad must be floating, got ",
+                    grad.scalar_type());
 }
 
 // cosine_logits: features (B, D), weight (C, D) with C > 0, one scale, eps.
@@ -304,10 +308,10 @@ inline void check_logits_args(const at::Tensor& features, const at::Tensor& weig
 }
 
 inline void check_softmax_forward_args(const at::Tensor& features, const at::Tensor& weight,
-                                       const at::Tensor& labels, const at::Tensor& scale,
-                                       double m1, double m2, double m3, double lam,
-                                       int64_t ignore_index, int64_t class_start,
-                                       int64_t num_classes, bool check_data = true) {
+                                       const at::Tensor& labels, const at::Tensor& scale, double m1,
+                                       double m2, double m3, double lam, int64_t ignore_index,
+                                       int64_t class_start, int64_t num_classes,
+                                       bool check_data = true) {
   check_margins(m1, m2, m3, lam);
   const int64_t n = check_loss_inputs(features, weight, labels, class_start, num_classes);
   check_scale(scale, features);
@@ -329,16 +333,16 @@ inline void check_softmax_backward_args(const at::Tensor& grad_loss, const at::T
 
 // c_contrastive (pos_margin, neg_margin), c_triplet (margin) and center_loss (no margin).
 inline void check_agent_args(const at::Tensor& features, const at::Tensor& weight,
-                             const at::Tensor& labels, int64_t ignore_index,
-                             int64_t class_start, int64_t num_classes, bool check_data = true) {
+                             const at::Tensor& labels, int64_t ignore_index, int64_t class_start,
+                             int64_t num_classes, bool check_data = true) {
   const int64_t n = check_loss_inputs(features, weight, labels, class_start, num_classes);
   check_values(labels, ignore_index, n, at::Tensor(), check_data);
 }
 
 inline void check_contrastive_args(const at::Tensor& features, const at::Tensor& weight,
-                                   const at::Tensor& labels, double pos_margin,
-                                   double neg_margin, int64_t ignore_index, int64_t class_start,
-                                   int64_t num_classes, bool check_data = true) {
+                                   const at::Tensor& labels, double pos_margin, double neg_margin,
+                                   int64_t ignore_index, int64_t class_start, int64_t num_classes,
+                                   bool check_data = true) {
   check_finite("pos_margin", pos_margin);
   check_finite("neg_margin", neg_margin);
   check_agent_args(features, weight, labels, ignore_index, class_start, num_classes, check_data);
@@ -353,10 +357,9 @@ inline void check_triplet_args(const at::Tensor& features, const at::Tensor& wei
 
 inline void check_triplet_backward_args(const at::Tensor& grad_loss, const at::Tensor& features,
                                         const at::Tensor& weight, const at::Tensor& labels,
-                                        const at::Tensor& hardest, double margin,
-                                        bool hardest_only, int64_t ignore_index,
-                                        int64_t class_start, int64_t num_classes,
-                                        bool check_data) {
+                                        const at::Tensor& hardest, double margin, bool hardest_only,
+                                        int64_t ignore_index, int64_t class_start,
+                                        int64_t num_classes, bool check_data) {
   check_finite("margin", margin);
   check_agent_args(features, weight, labels, ignore_index, class_start, num_classes, check_data);
   check_per_sample("grad_loss", grad_loss, features);

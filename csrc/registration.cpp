@@ -19,8 +19,8 @@
 //   their data checks on CUDA tensors: the forward checked the same labels and scale, and a
 //   training step makes at most one host sync, in the forward (common.h check_values).
 
-#include <torch/library.h>
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "chunked/chunked.h"
 #include "common.h"
@@ -39,28 +39,29 @@ namespace normface {
 
 // cosine_softmax returns only the per-sample loss; the log-sum-exp it also computes is what the
 // backward needs, so the public op is a composite of the two-output forward op.
-static at::Tensor cosine_softmax_composite(
-    const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels,
-    const at::Tensor& scale, double m1, double m2, double m3, double lam,
-    bool normalize_features, bool normalize_weight, int64_t ignore_index) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("normface::cosine_softmax_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, double, double, double, double, bool, bool,
-                           int64_t, int64_t, int64_t)>();
-  return std::get<0>(op.call(features, weight, labels, scale, m1, m2, m3, lam,
-                             normalize_features, normalize_weight, ignore_index, 0, -1));
+static at::Tensor cosine_softmax_composite(const at::Tensor& features, const at::Tensor& weight,
+                                           const at::Tensor& labels, const at::Tensor& scale,
+                                           double m1, double m2, double m3, double lam,
+                                           bool normalize_features, bool normalize_weight,
+                                           int64_t ignore_index) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("normface::cosine_softmax_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+              double, double, double, bool, bool, int64_t, int64_t, int64_t)>();
+  return std::get<0>(op.call(features, weight, labels, scale, m1, m2, m3, lam, normalize_features,
+                             normalize_weight, ignore_index, 0, -1));
 }
 
-static at::Tensor c_triplet_composite(
-    const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels,
-    double margin, bool hardest_only, bool center, int64_t ignore_index) {
+static at::Tensor c_triplet_composite(const at::Tensor& features, const at::Tensor& weight,
+                                      const at::Tensor& labels, double margin, bool hardest_only,
+                                      bool center, int64_t ignore_index) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("normface::c_triplet_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                           bool, bool, int64_t, int64_t, int64_t)>();
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, double, bool,
+                           bool, int64_t, int64_t, int64_t)>();
   return std::get<0>(
       op.call(features, weight, labels, margin, hardest_only, center, ignore_index, 0, -1));
 }

@@ -11,7 +11,8 @@ CUDA_ROOT="${CUDA_HOME:-$(ls -d /usr/local/cuda-* 2>/dev/null | sort -V | tail -
 # TORCH_CUDA_ARCH_LIST stops it from probing for a GPU.
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 cmake -S . -B "$BUILD" -DCMAKE_PREFIX_PATH="$PREFIX" -DCMAKE_BUILD_TYPE=Release \
-  ${CUDA_ROOT:+-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT" -DCMAKE_CUDA_COMPILER="$CUDA_ROOT/bin/nvcc"} >/dev/null
+  ${CUDA_ROOT:+-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT"} \
+  ${CUDA_ROOT:+-DCMAKE_CUDA_COMPILER="$CUDA_ROOT/bin/nvcc"} >/dev/null
 cmake --build "$BUILD" -j "${MAX_JOBS:-2}"
 "$PY" - "$BUILD/libnormface.so" <<'PYEOF'
 import sys, torch

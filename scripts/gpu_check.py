@@ -236,8 +236,8 @@ def key_numbers(stage, text):
     elif stage.name.startswith("bench"):
         lines += [m for m in re.findall(r"^\s*(\[(?:PASS|FAIL)\].*)$", text, re.M)]
     if stage.status != "passed" and not lines:
-        tail = [l for l in text.strip().splitlines() if l.strip()][-4:]
-        lines += [f"  | {l[:150]}" for l in tail]
+        tail = [line for line in text.strip().splitlines() if line.strip()][-4:]
+        lines += [f"  | {line[:150]}" for line in tail]
     return lines
 
 

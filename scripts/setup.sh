@@ -16,9 +16,11 @@ VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 # torch >= 2.11; triton for the Triton backend (interpreted on CPU in the tests); the rest for
 # the tests (hypothesis: the fuzz tests), the benchmark (pytorch-metric-learning is one of its
-# peers) and the examples. The oldest-versions CI job pins its own list (scripts/ci_oldest.sh).
+# peers), the examples and `make lint` (ruff and clang-format, pinned: a newer release may
+# format or flag differently). The oldest-versions CI job pins its own list (scripts/ci_oldest.sh).
 DEPS="${NORMFACE_DEPS:-torch>=2.11 triton>=3.6 numpy ninja pytest expecttest hypothesis \
-pytest-benchmark matplotlib tqdm scikit-learn pytorch-metric-learning}"
+pytest-benchmark matplotlib tqdm scikit-learn pytorch-metric-learning ruff==0.17.5 \
+clang-format==23.1.3}"
 FORCE="${SETUP_FORCE:-0}"
 
 key() { sha256sum | cut -c1-32; }

@@ -40,15 +40,15 @@ struct Setup {
   Targets targets;
   at::Tensor f, w;  // contiguous inputs
   at::Tensor nf, inv_nf, nw, inv_nw;
-  at::Tensor d_y;   // (B,) d_iy from a direct dot (0 where the target is not here)
+  at::Tensor d_y;  // (B,) d_iy from a direct dot (0 where the target is not here)
   int64_t B, C, D;
 
   // hardest: the c_triplet backward's (B,) hardest negatives (kTargetsAndHardest).
   Setup(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels,
         int64_t ignore_index, int64_t class_start, AgentNorms which = AgentNorms::kAll,
         const at::Tensor& hardest = at::Tensor())
-      : f(features.contiguous()), w(weight.contiguous()), B(features.size(0)),
-        C(weight.size(0)), D(features.size(1)) {
+      : f(features.contiguous()), w(weight.contiguous()), B(features.size(0)), C(weight.size(0)),
+        D(features.size(1)) {
     targets = local_targets(labels, ignore_index, class_start, C);
     std::tie(nf, inv_nf) = norms(f);
     if (which == AgentNorms::kAll) {
@@ -113,13 +113,13 @@ struct Held {
     const at::Tensor key_or_c = at::where(key.ge(0), key, at::scalar_tensor(st.C, long_opts));
     const at::Tensor entries = at::arange(E, long_opts);
     // The first entry of each class owns its row: no host sync, deterministic.
-    const at::Tensor owner = at::full({st.C + 1}, E, long_opts)
-                                 .scatter_reduce_(0, key_or_c, entries, "amin", true);
+    const at::Tensor owner =
+        at::full({st.C + 1}, E, long_opts).scatter_reduce_(0, key_or_c, entries, "amin", true);
     slot = owner.index_select(0, key_or_c);
     const at::Tensor owner_c = owner.narrow(0, 0, st.C);
     redirect = at::where(owner_c.lt(E), owner_c, at::scalar_tensor(-1, long_opts));
-    finish = at::where(key.ge(0).logical_and(slot.eq(entries)), key,
-                       at::scalar_tensor(-1, long_opts));
+    finish =
+        at::where(key.ge(0).logical_and(slot.eq(entries)), key, at::scalar_tensor(-1, long_opts));
     rows = at::zeros({E, st.D}, st.acc_opts());
   }
 };
@@ -132,8 +132,8 @@ void add_sparse(const Setup& st, const at::Tensor& row, const Held& held, const 
   const at::Tensor k = at::where(held.key.ge(0), held.key, at::zeros_like(held.key));
   const at::Tensor c = coef * st.inv_nf.index_select(0, row) * st.inv_nw.index_select(0, k);
   const at::Tensor zero = st.zero();
-  at::Tensor to_f = at::where(live, c.unsqueeze(1) * st.w.index_select(0, k).to(c.scalar_type()),
-                              zero);
+  at::Tensor to_f =
+      at::where(live, c.unsqueeze(1) * st.w.index_select(0, k).to(c.scalar_type()), zero);
   if (gc_scale.defined()) to_f = to_f * gc_scale;
   U.index_add_(0, row, to_f);
   const at::Tensor to_w =
@@ -228,9 +228,8 @@ std::tuple<at::Tensor, at::Tensor> hardest_negatives(const Setup& st, const at::
   at::Tensor d = best_d[0], k = best_k[0];
   for (int64_t w = 1; w < T; ++w) {
     const at::Tensor dw = best_d[w], kw = best_k[w];
-    const at::Tensor take =
-        kw.ge(0).logical_and(k.lt(0).logical_or(dw.isnan().logical_and(d.isnan().logical_not()))
-                                 .logical_or(dw.lt(d)));
+    const at::Tensor take = kw.ge(0).logical_and(
+        k.lt(0).logical_or(dw.isnan().logical_and(d.isnan().logical_not())).logical_or(dw.lt(d)));
     d = at::where(take, dw, d);
     k = at::where(take, kw, k);
   }
@@ -238,8 +237,7 @@ std::tuple<at::Tensor, at::Tensor> hardest_negatives(const Setup& st, const at::
 }
 
 at::Tensor empty_losses(const at::Tensor& features) {
-  return at::empty({features.size(0)},
-                   features.options().dtype(acc_dtype(features.scalar_type())));
+  return at::empty({features.size(0)}, features.options().dtype(acc_dtype(features.scalar_type())));
 }
 
 }  // namespace
@@ -279,8 +277,8 @@ std::tuple<at::Tensor, at::Tensor> c_contrastive_backward(
   AgentTerms t = st.terms(at::full({st.B}, neg_margin, st.acc_opts()));
   t.slope = 2.0 * g;
   t.active = g.ne(0);
-  t.target_grad = at::where(st.targets.has.logical_and((st.d_y - pos_margin).gt(0)), -2.0 * g,
-                            st.zero());
+  t.target_grad =
+      at::where(st.targets.has.logical_and((st.d_y - pos_margin).gt(0)), -2.0 * g, st.zero());
   at::Tensor no_count, u_scale;
   const at::Tensor U = dense_backward(st, t, no_count, grad_w, nullptr, u_scale);
   return {finish_features(st, U, t.active, u_scale), grad_w};
@@ -288,10 +286,12 @@ std::tuple<at::Tensor, at::Tensor> c_contrastive_backward(
 
 // ------------------------------------------------------------------------ c_triplet (eq. 11)
 
-std::tuple<at::Tensor, at::Tensor> c_triplet_forward(
-    const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels, double margin,
-    bool hardest_only, bool center, int64_t ignore_index, int64_t class_start,
-    int64_t num_classes) {
+std::tuple<at::Tensor, at::Tensor> c_triplet_forward(const at::Tensor& features,
+                                                     const at::Tensor& weight,
+                                                     const at::Tensor& labels, double margin,
+                                                     bool hardest_only, bool center,
+                                                     int64_t ignore_index, int64_t class_start,
+                                                     int64_t num_classes) {
   check_triplet_args(features, weight, labels, margin, ignore_index, class_start, num_classes);
   check_float64_on_cpu(features);
   const c10::DeviceGuard guard(features.device());
@@ -307,9 +307,9 @@ std::tuple<at::Tensor, at::Tensor> c_triplet_forward(
     const at::Tensor best_k = std::get<1>(hardest_negatives(st, bound));
     hardest = at::where(st.targets.valid, best_k, at::scalar_tensor(-1, long_opts));
     // No negative (C = 1): d = +inf, the hinge relu(-inf) = 0.
-    const at::Tensor d_k = at::where(best_k.ge(0), st.distances(best_k),
-                                     at::full({}, std::numeric_limits<double>::infinity(),
-                                              st.acc_opts()));
+    const at::Tensor d_k =
+        at::where(best_k.ge(0), st.distances(best_k),
+                  at::full({}, std::numeric_limits<double>::infinity(), st.acc_opts()));
     loss = at::relu(bound - d_k);
   } else {
     hardest = at::full({st.B}, -1, long_opts);
@@ -322,8 +322,7 @@ std::tuple<at::Tensor, at::Tensor> c_triplet_forward(
 std::tuple<at::Tensor, at::Tensor> c_triplet_backward(
     const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
     const at::Tensor& labels, const at::Tensor& hardest, double margin, bool hardest_only,
-    bool center, int64_t ignore_index, int64_t class_start, int64_t num_classes,
-    bool check_data) {
+    bool center, int64_t ignore_index, int64_t class_start, int64_t num_classes, bool check_data) {
   check_triplet_backward_args(grad_loss, features, weight, labels, hardest, margin, hardest_only,
                               ignore_index, class_start, num_classes, check_data);
   check_float64_on_cpu(features);
@@ -356,8 +355,8 @@ std::tuple<at::Tensor, at::Tensor> c_triplet_backward(
   if (st.B == 0) return {at::empty({0, st.D}, st.f.options()), grad_w};
   const at::Tensor minus_one = at::scalar_tensor(-1, hardest.options());
   at::Tensor k = hardest_in_range(hardest, st.C);
-  const at::Tensor on = st.targets.has.logical_and(k.ge(0))
-                            .logical_and((bound - st.distances(k)).gt(0));
+  const at::Tensor on =
+      st.targets.has.logical_and(k.ge(0)).logical_and((bound - st.distances(k)).gt(0));
   k = at::where(on, k, minus_one);
   const at::Tensor coef_y = -2.0 * g * (on.to(g.scalar_type()) + (center ? 1.0 : 0.0));
   const at::Tensor coef_k = at::where(on, 2.0 * g, st.zero());
@@ -383,10 +382,12 @@ at::Tensor center_loss(const at::Tensor& features, const at::Tensor& weight,
 }
 
 // Gc_iy = -2 g: one row of W per sample.
-std::tuple<at::Tensor, at::Tensor> center_loss_backward(
-    const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
-    const at::Tensor& labels, int64_t ignore_index, int64_t class_start, int64_t num_classes,
-    bool check_data) {
+std::tuple<at::Tensor, at::Tensor> center_loss_backward(const at::Tensor& grad_loss,
+                                                        const at::Tensor& features,
+                                                        const at::Tensor& weight,
+                                                        const at::Tensor& labels,
+                                                        int64_t ignore_index, int64_t class_start,
+                                                        int64_t num_classes, bool check_data) {
   check_agent_args(features, weight, labels, ignore_index, class_start, num_classes, check_data);
   check_per_sample("grad_loss", grad_loss, features);
   check_float64_on_cpu(features);

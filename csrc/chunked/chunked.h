@@ -82,7 +82,7 @@ class ChunkWorker {
   bool out_fp32_;   // 16-bit GEMM with a float32 output (CUDA)
   bool convert_w_;  // 16-bit W converted to acc per chunk (CPU)
   at::Tensor s_buf_, p_buf_, v_buf_, w_buf_, u_tmp_;
-  at::Tensor wc_;   // the current chunk's W operand
+  at::Tensor wc_;  // the current chunk's W operand
 };
 
 // The classes [0, C) in chunks of `chunk` classes, walked by `workers` workers.
@@ -100,7 +100,7 @@ class ChunkWalk {
   ChunkWalk(const at::Tensor& f_op, const at::Tensor& w);
 
   int64_t B, C, D;
-  int64_t chunk;       // classes per chunk (the last one may be smaller)
+  int64_t chunk;  // classes per chunk (the last one may be smaller)
   int64_t num_chunks;
   int64_t workers;
 
@@ -176,15 +176,13 @@ std::tuple<at::Tensor, at::Tensor> float16_grad_scale(at::ScalarType dtype,
                                                       const at::Tensor& bound);
 
 // The rows of U (B, D) or (n, D) through the normalization backward (epilogues.h FinishArgs).
-void finish_rows(const at::Tensor& U, int64_t offset, const at::Tensor& index,
-                 const FinishArgs& a);
+void finish_rows(const at::Tensor& U, int64_t offset, const at::Tensor& index, const FinishArgs& a);
 
 // The loss ops of the chunked path, with the schemas of csrc/registration.cpp.
 std::tuple<at::Tensor, at::Tensor> cosine_softmax_forward(
     const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels,
-    const at::Tensor& scale, double m1, double m2, double m3, double lam,
-    bool normalize_features, bool normalize_weight, int64_t ignore_index, int64_t class_start,
-    int64_t num_classes);
+    const at::Tensor& scale, double m1, double m2, double m3, double lam, bool normalize_features,
+    bool normalize_weight, int64_t ignore_index, int64_t class_start, int64_t num_classes);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_backward(
     const at::Tensor& grad_loss, const at::Tensor& grad_lse, const at::Tensor& features,
     const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& scale,
@@ -200,8 +198,7 @@ std::tuple<at::Tensor, at::Tensor> c_contrastive_backward(
     int64_t class_start, int64_t num_classes, bool check_data);
 std::tuple<at::Tensor, at::Tensor> c_triplet_forward(
     const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels, double margin,
-    bool hardest_only, bool center, int64_t ignore_index, int64_t class_start,
-    int64_t num_classes);
+    bool hardest_only, bool center, int64_t ignore_index, int64_t class_start, int64_t num_classes);
 std::tuple<at::Tensor, at::Tensor> c_triplet_backward(
     const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
     const at::Tensor& labels, const at::Tensor& hardest, double margin, bool hardest_only,
@@ -209,10 +206,12 @@ std::tuple<at::Tensor, at::Tensor> c_triplet_backward(
 at::Tensor center_loss(const at::Tensor& features, const at::Tensor& weight,
                        const at::Tensor& labels, int64_t ignore_index, int64_t class_start,
                        int64_t num_classes);
-std::tuple<at::Tensor, at::Tensor> center_loss_backward(
-    const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
-    const at::Tensor& labels, int64_t ignore_index, int64_t class_start, int64_t num_classes,
-    bool check_data);
+std::tuple<at::Tensor, at::Tensor> center_loss_backward(const at::Tensor& grad_loss,
+                                                        const at::Tensor& features,
+                                                        const at::Tensor& weight,
+                                                        const at::Tensor& labels,
+                                                        int64_t ignore_index, int64_t class_start,
+                                                        int64_t num_classes, bool check_data);
 at::Tensor l2_normalize(const at::Tensor& x, double eps);
 at::Tensor l2_normalize_backward(const at::Tensor& grad, const at::Tensor& x, double eps);
 

@@ -52,9 +52,8 @@ struct Setup {
 
 std::tuple<at::Tensor, at::Tensor> cosine_softmax_forward(
     const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels,
-    const at::Tensor& scale, double m1, double m2, double m3, double lam,
-    bool normalize_features, bool normalize_weight, int64_t ignore_index, int64_t class_start,
-    int64_t num_classes) {
+    const at::Tensor& scale, double m1, double m2, double m3, double lam, bool normalize_features,
+    bool normalize_weight, int64_t ignore_index, int64_t class_start, int64_t num_classes) {
   check_softmax_forward_args(features, weight, labels, scale, m1, m2, m3, lam, ignore_index,
                              class_start, num_classes);
   check_float64_on_cpu(features);
@@ -66,8 +65,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_softmax_forward(
   const Margins mg{m1, m2, m3, lam, normalize_features, normalize_weight};
   const Setup st(features, weight, labels, scale, mg, ignore_index, class_start);
 
-  const at::Tensor f_op = gemm_features(st.f, at::Tensor(), operand_dtype(st.f.scalar_type(),
-                                                                          st.f.device()));
+  const at::Tensor f_op =
+      gemm_features(st.f, at::Tensor(), operand_dtype(st.f.scalar_type(), st.f.device()));
   ChunkWalk walk(f_op, st.w);
   // Each worker's running (max, sum) in float64: the chunks' partial sums are added to it one by
   // one, and a float32 sum near 1 would drop each chunk's share below its rounding.
@@ -97,8 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_backward(
     const at::Tensor& lse, double m1, double m2, double m3, double lam, bool normalize_features,
     bool normalize_weight, int64_t ignore_index, int64_t class_start, int64_t num_classes,
     bool check_data) {
-  check_softmax_backward_args(grad_loss, grad_lse, features, weight, labels, scale, lse, m1, m2,
-                              m3, lam, ignore_index, class_start, num_classes, check_data);
+  check_softmax_backward_args(grad_loss, grad_lse, features, weight, labels, scale, lse, m1, m2, m3,
+                              lam, ignore_index, class_start, num_classes, check_data);
   check_float64_on_cpu(features);
   const c10::DeviceGuard guard(features.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -138,8 +137,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_backward(
 
   // float16: P scaled into float16's range; |P_ij| <= (|g_i| + |e_i|) A_i max(1, |dt_i|) |s| B_j.
   if (features.scalar_type() == at::kHalf) {
-    const at::Tensor row = (t.g.abs() + t.e.abs()) * st.field(kRow) *
-                           st.field(kDt).abs().clamp_min(1);
+    const at::Tensor row =
+        (t.g.abs() + t.e.abs()) * st.field(kRow) * st.field(kDt).abs().clamp_min(1);
     at::Tensor bound = at::where(t.active, row, zero).amax() * s.abs();
     if (normalize_weight) bound = bound * st.inv_nw.amax();
     at::Tensor inverse;

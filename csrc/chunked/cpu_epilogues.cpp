@@ -48,8 +48,8 @@ void round_through(T* row, int64_t n, at::ScalarType dtype) {
 
 // z of one row of a chunk (written over S) and its merge into the running (max, sum).
 template <typename T>
-NF_SIMD_CLONES void softmax_forward_row(T* row, int64_t n, int64_t y, T s, T A, T zy,
-                                        const T* col, double* run_max, double* run_sum) {
+NF_SIMD_CLONES void softmax_forward_row(T* row, int64_t n, int64_t y, T s, T A, T zy, const T* col,
+                                        double* run_max, double* run_sum) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) {
@@ -283,8 +283,8 @@ void softmax_forward_chunk(const at::Tensor& S, int64_t j0, const SoftmaxTerms& 
   });
 }
 
-void softmax_backward_chunk(const at::Tensor& S, at::Tensor& P, int64_t j0,
-                            const SoftmaxTerms& t, at::Tensor& row_acc) {
+void softmax_backward_chunk(const at::Tensor& S, at::Tensor& P, int64_t j0, const SoftmaxTerms& t,
+                            at::Tensor& row_acc) {
   TORCH_INTERNAL_ASSERT(P.data_ptr() == S.data_ptr(), "CPU: P is written over S");
   const int64_t B = S.size(0), n = S.size(1);
   AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "softmax_backward_chunk", [&] {

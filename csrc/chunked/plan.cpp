@@ -15,8 +15,8 @@ std::atomic<int64_t>& budget_setting() {
 }  // namespace
 
 int64_t set_chunk_budget(int64_t bytes) {
-  TORCH_CHECK(bytes >= 0, "set_chunk_budget: bytes must be >= 0 (0 restores the default), got ",
-              bytes);
+  TORCH_CHECK_VALUE(bytes >= 0,
+                    "set_chunk_budget: bytes must be >= 0 (0 restores the default), got ", bytes);
   return budget_setting().exchange(bytes);
 }
 

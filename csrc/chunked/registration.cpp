@@ -25,8 +25,8 @@ void register_kernels(torch::Library& m) {
 }
 
 std::string set_cpu_path(const std::string& path) {
-  TORCH_CHECK(path == "blocked" || path == "chunked",
-              "set_cpu_path: path must be \"blocked\" or \"chunked\", got \"", path, "\"");
+  TORCH_CHECK_VALUE(path == "blocked" || path == "chunked",
+                    "set_cpu_path: path must be \"blocked\" or \"chunked\", got \"", path, "\"");
   static std::mutex mutex;
   // A registration of this path's kernels for the CPU key, in front of the blocked ones while it
   // lives (the dispatcher restores the previous kernel when it is destroyed). Never destroyed at

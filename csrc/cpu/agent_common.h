@@ -27,9 +27,8 @@ struct AgentSetup {
   // normed here, and norm_rows() adds others (c_triplet's hardest): O(B * D), not O(C * D).
   AgentSetup(const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels_in,
              int64_t ignore_index, int64_t class_start, bool dense)
-      : f(features.contiguous()), w(weight.contiguous()),
-        B(features.size(0)), C(weight.size(0)), D(features.size(1)),
-        split(features.size(0), weight.size(0)) {
+      : f(features.contiguous()), w(weight.contiguous()), B(features.size(0)), C(weight.size(0)),
+        D(features.size(1)), split(features.size(0), weight.size(0)) {
     labels = local_labels(labels_in, ignore_index, class_start, C);
     unit_f = unit_rows<scalar_t>(f, norm_f);
     // An ignored row contributes nothing (contract), even when its features are NaN or inf: its f~
@@ -96,12 +95,12 @@ template <typename scalar_t>
 struct AgentGrads {
   using acc_t = at::opmath_type<scalar_t>;
   const AgentSetup<scalar_t>& st;
-  at::Tensor grad_unit_f;            // (B, D) acc: sum_j Gc_ij W~_j (sparse terms, worker 0)
+  at::Tensor grad_unit_f;                  // (B, D) acc: sum_j Gc_ij W~_j (sparse terms, worker 0)
   std::vector<at::Tensor> grad_unit_part;  // the dense terms of workers 1.. (summed in finish)
-  at::Tensor grad_w;                 // (C, D) output, input dtype
-  std::vector<int64_t> slot;         // (C,) compact slot of a held row, or -1
-  std::vector<int64_t> held_class;   // slot -> class
-  at::Tensor held;                   // (U, D) acc: sum_i Gc_ij f~_i / ||W_j|| of held rows
+  at::Tensor grad_w;                       // (C, D) output, input dtype
+  std::vector<int64_t> slot;               // (C,) compact slot of a held row, or -1
+  std::vector<int64_t> held_class;         // slot -> class
+  at::Tensor held;                         // (U, D) acc: sum_i Gc_ij f~_i / ||W_j|| of held rows
 
   // sparse_classes: every local class that will get a sparse term (-1 entries are skipped).
   // Without a dense pass the rows no term touches have a zero gradient.
@@ -109,7 +108,8 @@ struct AgentGrads {
              bool dense)
       : st(setup), grad_unit_part(setup.split.workers), slot(setup.C, -1) {
     grad_unit_f = at::zeros({st.B, st.D}, st.unit_f.options());
-    grad_w = dense ? at::empty({st.C, st.D}, st.w.options()) : at::zeros({st.C, st.D}, st.w.options());
+    grad_w =
+        dense ? at::empty({st.C, st.D}, st.w.options()) : at::zeros({st.C, st.D}, st.w.options());
     for (int64_t j : sparse_classes) {
       if (j < 0 || slot[j] >= 0) continue;
       slot[j] = static_cast<int64_t>(held_class.size());
@@ -121,7 +121,8 @@ struct AgentGrads {
   // A dense block of worker t whose tile holds P = Gc / ||W_j|| (kernels.md):
   // grad f~ += P @ W_block, grad W~ / ||W|| = P^T @ f~. Rows without sparse terms are finished
   // here (each class belongs to one worker), the others held.
-  void add_dense_block(int64_t t, int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
+  void add_dense_block(int64_t t, int64_t j0, int64_t n, const at::Tensor& p,
+                       const at::Tensor& wb) {
     at::Tensor& part = t == 0 ? grad_unit_f : grad_unit_part[t];
     if (!part.defined()) part = at::zeros({st.B, st.D}, st.unit_f.options());
     part.addmm_(p, wb);

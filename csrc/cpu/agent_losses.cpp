@@ -88,11 +88,14 @@ at::Tensor contrastive_forward(const at::Tensor& features, const at::Tensor& wei
   const acc_t neg = static_cast<acc_t>(neg_margin), pos = static_cast<acc_t>(pos_margin);
   const int64_t B = st.B, T = st.split.workers;
   std::vector<acc_t> part(T * B, 0);  // per worker: sum of its negatives' hinges
-  walk_class_blocks(st, [&](int64_t t, int64_t i, int64_t j0, int64_t n, acc_t* row) {
-    if (st.labels.ignored[i]) return;
-    part[t * B + i] +=
-        hinge_row_loss(row, n, st.labels.target[i] - j0, st.inv_nw.data() + j0, neg);
-  }, [](int64_t, int64_t, int64_t, const at::Tensor&, const at::Tensor&) {});
+  walk_class_blocks(
+      st,
+      [&](int64_t t, int64_t i, int64_t j0, int64_t n, acc_t* row) {
+        if (st.labels.ignored[i]) return;
+        part[t * B + i] +=
+            hinge_row_loss(row, n, st.labels.target[i] - j0, st.inv_nw.data() + j0, neg);
+      },
+      [](int64_t, int64_t, int64_t, const at::Tensor&, const at::Tensor&) {});
   acc_t* lp = loss.data_ptr<acc_t>();
   for (int64_t i = 0; i < B; ++i) {
     if (st.labels.ignored[i]) {
@@ -108,25 +111,30 @@ at::Tensor contrastive_forward(const at::Tensor& features, const at::Tensor& wei
 
 // Gc_ij = 2 g [neg_margin - d_ij > 0] (j != y), Gc_iy = -2 g [d_iy - pos_margin > 0].
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor> contrastive_backward(
-    const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
-    const at::Tensor& labels, double pos_margin, double neg_margin, int64_t ignore_index,
-    int64_t class_start) {
+std::tuple<at::Tensor, at::Tensor> contrastive_backward(const at::Tensor& grad_loss,
+                                                        const at::Tensor& features,
+                                                        const at::Tensor& weight,
+                                                        const at::Tensor& labels, double pos_margin,
+                                                        double neg_margin, int64_t ignore_index,
+                                                        int64_t class_start) {
   using acc_t = at::opmath_type<scalar_t>;
   AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start, /*dense=*/true);
   const std::vector<acc_t> g = upstream(grad_loss, st);
   const acc_t neg = static_cast<acc_t>(neg_margin), pos = static_cast<acc_t>(pos_margin);
   AgentGrads<scalar_t> grads(st, st.labels.target, /*dense=*/true);
-  walk_class_blocks(st, [&](int64_t, int64_t i, int64_t j0, int64_t n, acc_t* row) {
-    if (st.labels.ignored[i]) {  // loss 0, no gradient
-      std::fill(row, row + n, acc_t(0));
-      return;
-    }
-    contrastive_row_grad(row, n, st.labels.target[i] - j0, st.inv_nw.data() + j0, neg,
-                         acc_t(2) * g[i]);
-  }, [&](int64_t t, int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
-    grads.add_dense_block(t, j0, n, p, wb);
-  });
+  walk_class_blocks(
+      st,
+      [&](int64_t, int64_t i, int64_t j0, int64_t n, acc_t* row) {
+        if (st.labels.ignored[i]) {  // loss 0, no gradient
+          std::fill(row, row + n, acc_t(0));
+          return;
+        }
+        contrastive_row_grad(row, n, st.labels.target[i] - j0, st.inv_nw.data() + j0, neg,
+                             acc_t(2) * g[i]);
+      },
+      [&](int64_t t, int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
+        grads.add_dense_block(t, j0, n, p, wb);
+      });
   for (int64_t i = 0; i < st.B; ++i) {
     const int64_t y = st.labels.target[i];
     if (y >= 0 && st.d_y[i] - pos > acc_t(0)) grads.add_sparse(i, y, acc_t(-2) * g[i]);
@@ -153,28 +161,31 @@ std::tuple<at::Tensor, at::Tensor> triplet_forward(const at::Tensor& features,
   const int64_t B = st.B, T = st.split.workers;
   std::vector<acc_t> part(T * B, hardest_only ? std::numeric_limits<acc_t>::infinity() : acc_t(0));
   std::vector<int64_t> part_idx(hardest_only ? T * B : 0, -1);
-  walk_class_blocks(st, [&](int64_t t, int64_t i, int64_t j0, int64_t n, acc_t* row) {
-    if (st.labels.ignored[i]) return;
-    const int64_t y = st.labels.target[i] - j0;
-    const acc_t* inv_nw = st.inv_nw.data() + j0;
-    if (hardest_only) {
-      acc_t best = part[t * B + i];
-      int64_t best_j = part_idx[t * B + i];
-      for (int64_t j = 0; j < n; ++j) {
-        const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
-        // Strict < keeps the first of equal distances; a NaN replaces any non-NaN best once.
-        if (j != y && (d < best || (d != d && best == best))) {
-          best = d;
-          best_j = j0 + j;
+  walk_class_blocks(
+      st,
+      [&](int64_t t, int64_t i, int64_t j0, int64_t n, acc_t* row) {
+        if (st.labels.ignored[i]) return;
+        const int64_t y = st.labels.target[i] - j0;
+        const acc_t* inv_nw = st.inv_nw.data() + j0;
+        if (hardest_only) {
+          acc_t best = part[t * B + i];
+          int64_t best_j = part_idx[t * B + i];
+          for (int64_t j = 0; j < n; ++j) {
+            const acc_t d = acc_t(2) - acc_t(2) * row[j] * inv_nw[j];
+            // Strict < keeps the first of equal distances; a NaN replaces any non-NaN best once.
+            if (j != y && (d < best || (d != d && best == best))) {
+              best = d;
+              best_j = j0 + j;
+            }
+          }
+          part[t * B + i] = best;
+          part_idx[t * B + i] = best_j;
+        } else {
+          if (st.labels.target[i] < 0) return;  // target elsewhere: no d_iy, loss 0
+          part[t * B + i] += hinge_row_loss(row, n, y, inv_nw, margin + st.d_y[i]);
         }
-      }
-      part[t * B + i] = best;
-      part_idx[t * B + i] = best_j;
-    } else {
-      if (st.labels.target[i] < 0) return;  // target elsewhere: no d_iy, loss 0
-      part[t * B + i] += hinge_row_loss(row, n, y, inv_nw, margin + st.d_y[i]);
-    }
-  }, [](int64_t, int64_t, int64_t, const at::Tensor&, const at::Tensor&) {});
+      },
+      [](int64_t, int64_t, int64_t, const at::Tensor&, const at::Tensor&) {});
   acc_t* lp = loss.data_ptr<acc_t>();
   int64_t* hp = hardest.data_ptr<int64_t>();
   for (int64_t i = 0; i < B; ++i) {
@@ -225,17 +236,20 @@ std::tuple<at::Tensor, at::Tensor> triplet_backward(
     const int64_t B = st.B, T = st.split.workers;
     std::vector<acc_t> active(T * B, 0);  // per worker and row: active hinges
     AgentGrads<scalar_t> grads(st, sparse, /*dense=*/true);
-    walk_class_blocks(st, [&](int64_t t, int64_t i, int64_t j0, int64_t n, acc_t* row) {
-      if (st.labels.target[i] < 0) {  // target elsewhere or ignored: loss 0, no gradient
-        std::fill(row, row + n, acc_t(0));
-        return;
-      }
-      active[t * B + i] += triplet_row_grad(row, n, st.labels.target[i] - j0,
-                                            st.inv_nw.data() + j0, margin + st.d_y[i],
-                                            acc_t(2) * g[i]);
-    }, [&](int64_t t, int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
-      grads.add_dense_block(t, j0, n, p, wb);
-    });
+    walk_class_blocks(
+        st,
+        [&](int64_t t, int64_t i, int64_t j0, int64_t n, acc_t* row) {
+          if (st.labels.target[i] < 0) {  // target elsewhere or ignored: loss 0, no gradient
+            std::fill(row, row + n, acc_t(0));
+            return;
+          }
+          active[t * B + i] +=
+              triplet_row_grad(row, n, st.labels.target[i] - j0, st.inv_nw.data() + j0,
+                               margin + st.d_y[i], acc_t(2) * g[i]);
+        },
+        [&](int64_t t, int64_t j0, int64_t n, const at::Tensor& p, const at::Tensor& wb) {
+          grads.add_dense_block(t, j0, n, p, wb);
+        });
     for (int64_t i = 0; i < B; ++i) {
       const int64_t y = st.labels.target[i];
       if (y < 0) continue;
@@ -284,8 +298,8 @@ template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> center_backward(const at::Tensor& grad_loss,
                                                    const at::Tensor& features,
                                                    const at::Tensor& weight,
-                                                   const at::Tensor& labels,
-                                                   int64_t ignore_index, int64_t class_start) {
+                                                   const at::Tensor& labels, int64_t ignore_index,
+                                                   int64_t class_start) {
   using acc_t = at::opmath_type<scalar_t>;
   AgentSetup<scalar_t> st(features, weight, labels, ignore_index, class_start, /*dense=*/false);
   const std::vector<acc_t> g = upstream(grad_loss, st);
@@ -298,8 +312,9 @@ std::tuple<at::Tensor, at::Tensor> center_backward(const at::Tensor& grad_loss,
 
 // ---------------------------------------------------------------- op entry points
 
-#define NF_DISPATCH(features, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (features).scalar_type(), name, __VA_ARGS__)
+#define NF_DISPATCH(features, name, ...)                                                    \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, (features).scalar_type(), name, \
+                                  __VA_ARGS__)
 
 at::Tensor c_contrastive_cpu(const at::Tensor& features, const at::Tensor& weight,
                              const at::Tensor& labels, double pos_margin, double neg_margin,
@@ -329,10 +344,12 @@ std::tuple<at::Tensor, at::Tensor> c_contrastive_backward_cpu(
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> c_triplet_forward_cpu(
-    const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels, double margin,
-    bool hardest_only, bool center, int64_t ignore_index, int64_t class_start,
-    int64_t num_classes) {
+std::tuple<at::Tensor, at::Tensor> c_triplet_forward_cpu(const at::Tensor& features,
+                                                         const at::Tensor& weight,
+                                                         const at::Tensor& labels, double margin,
+                                                         bool hardest_only, bool center,
+                                                         int64_t ignore_index, int64_t class_start,
+                                                         int64_t num_classes) {
   check_triplet_args(features, weight, labels, margin, ignore_index, class_start, num_classes);
   std::tuple<at::Tensor, at::Tensor> out;
   NF_DISPATCH(features, "c_triplet_forward", [&] {
@@ -345,8 +362,7 @@ std::tuple<at::Tensor, at::Tensor> c_triplet_forward_cpu(
 std::tuple<at::Tensor, at::Tensor> c_triplet_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& features, const at::Tensor& weight,
     const at::Tensor& labels, const at::Tensor& hardest, double margin, bool hardest_only,
-    bool center, int64_t ignore_index, int64_t class_start, int64_t num_classes,
-    bool check_data) {
+    bool center, int64_t ignore_index, int64_t class_start, int64_t num_classes, bool check_data) {
   check_triplet_backward_args(grad_loss, features, weight, labels, hardest, margin, hardest_only,
                               ignore_index, class_start, num_classes, check_data);
   std::tuple<at::Tensor, at::Tensor> out;
@@ -376,8 +392,7 @@ std::tuple<at::Tensor, at::Tensor> center_loss_backward_cpu(
   check_per_sample("grad_loss", grad_loss, features);
   std::tuple<at::Tensor, at::Tensor> out;
   NF_DISPATCH(features, "center_loss_backward", [&] {
-    out = center_backward<scalar_t>(grad_loss, features, weight, labels, ignore_index,
-                                    class_start);
+    out = center_backward<scalar_t>(grad_loss, features, weight, labels, ignore_index, class_start);
   });
   return out;
 }

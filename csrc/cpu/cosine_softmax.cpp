@@ -48,9 +48,9 @@ struct Setup {
       b[j] = mg.normalize_weight ? acc_t(1) : nw[j];
       // b_j / ||W_j|| is 1 when ||W_j|| multiplies the logit -- unless the norm is inf: cos is
       // then inf / inf, NaN as in the reference, not the +-inf of <f~, W_j> alone.
-      col[j] = mg.normalize_weight ? inv_nw[j]
-                                   : (std::isinf(nw[j]) ? std::numeric_limits<acc_t>::quiet_NaN()
-                                                        : acc_t(1));
+      col[j] = mg.normalize_weight
+                   ? inv_nw[j]
+                   : (std::isinf(nw[j]) ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(1));
     }
     std::vector<acc_t> cos_y(B);
     target_cosines(unit_f.data_ptr<acc_t>(), w.data_ptr<scalar_t>(), nw.data(), labels.target, D,
@@ -106,12 +106,12 @@ NF_SIMD_CLONES void forward_row(acc_t* row, int64_t n, int64_t y, acc_t sa, acc_
 
 template <typename acc_t>
 struct RowArgs {
-  acc_t* row;    // in: <f~_i, W_j> for the block; out: Gc_ij / ||W_j||
-  int64_t n;     // classes in the block
-  int64_t y;     // target column in the block, or outside [0, n)
-  acc_t sa, a;   // s a_i, a_i
+  acc_t* row;   // in: <f~_i, W_j> for the block; out: Gc_ij / ||W_j||
+  int64_t n;    // classes in the block
+  int64_t y;    // target column in the block, or outside [0, n)
+  acc_t sa, a;  // s a_i, a_i
   acc_t zy, ty, dty, lse;
-  acc_t g, ge;   // g_i and g_i + e_i
+  acc_t g, ge;  // g_i and g_i + e_i
 };
 
 // One row of one class block of the backward. Recomputes z exactly as the forward did, then
@@ -120,7 +120,7 @@ struct RowArgs {
 // kColSums adds G a h to col_sum[j] (grad_b_j = s sum_i G_ij a_i h_ij, kernels.md).
 template <bool kColSums, typename acc_t>
 NF_SIMD_CLONES acc_t backward_row(const RowArgs<acc_t>& r, const acc_t* col, const acc_t* inv_nw,
-                          const acc_t* bj, acc_t* col_sum) {
+                                  const acc_t* bj, acc_t* col_sum) {
   acc_t* row = r.row;
   acc_t racc = 0;
 #pragma omp simd reduction(+ : racc)
@@ -139,10 +139,9 @@ NF_SIMD_CLONES acc_t backward_row(const RowArgs<acc_t>& r, const acc_t* col, con
 
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& features,
-                                                const at::Tensor& weight,
-                                                const at::Tensor& labels, double scale,
-                                                const Margins& mg, int64_t ignore_index,
-                                                int64_t class_start) {
+                                                const at::Tensor& weight, const at::Tensor& labels,
+                                                double scale, const Margins& mg,
+                                                int64_t ignore_index, int64_t class_start) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = features.size(0), C = weight.size(0);
   const auto acc_opts = features.options().dtype(acc_dtype(features.scalar_type()));
@@ -201,8 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     grad_w.zero_();
     return {grad_f, grad_w, at::zeros_like(scale)};
   }
-  Setup<scalar_t> st(features, weight, labels, scale.item<double>(), mg, ignore_index,
-                     class_start);
+  Setup<scalar_t> st(features, weight, labels, scale.item<double>(), mg, ignore_index, class_start);
   const at::Tensor lse = lse_in.to(acc_opts.dtype()).contiguous();
   const at::Tensor g_loss = grad_loss_in.to(acc_opts.dtype()).contiguous();
   const at::Tensor g_lse = grad_lse_in.to(acc_opts.dtype()).contiguous();
@@ -249,8 +247,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
         std::fill(tp + i * n, tp + (i + 1) * n, acc_t(0));
         continue;
       }
-      RowArgs<acc_t> r{tp + i * n, n, st.labels.target[i] - j0, st.s * st.a[i], st.a[i],
-                       st.z_y[i], st.t[i], st.dt[i], lse_p[i], g[i], g[i] + ge[i]};
+      RowArgs<acc_t> r{tp + i * n,     n,           st.labels.target[i] - j0,
+                       st.s * st.a[i], st.a[i],     st.z_y[i],
+                       st.t[i],        st.dt[i],    lse_p[i],
+                       g[i],           g[i] + ge[i]};
       row_part[t * B + i] += cacc ? backward_row<true>(r, col, inv_nw, bj, cacc)
                                   : backward_row<false>(r, col, inv_nw, bj, cacc);
     }
@@ -300,18 +300,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
 
 std::tuple<at::Tensor, at::Tensor> cosine_softmax_forward_cpu(
     const at::Tensor& features, const at::Tensor& weight, const at::Tensor& labels,
-    const at::Tensor& scale, double m1, double m2, double m3, double lam,
-    bool normalize_features, bool normalize_weight, int64_t ignore_index, int64_t class_start,
-    int64_t num_classes) {
+    const at::Tensor& scale, double m1, double m2, double m3, double lam, bool normalize_features,
+    bool normalize_weight, int64_t ignore_index, int64_t class_start, int64_t num_classes) {
   check_softmax_forward_args(features, weight, labels, scale, m1, m2, m3, lam, ignore_index,
                              class_start, num_classes);
   const Margins mg{m1, m2, m3, lam, normalize_features, normalize_weight};
   const double s = scale.item<double>();
   std::tuple<at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
-                                  "cosine_softmax_forward", [&] {
-    out = forward_impl<scalar_t>(features, weight, labels, s, mg, ignore_index, class_start);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, features.scalar_type(), "cosine_softmax_forward", [&] {
+        out = forward_impl<scalar_t>(features, weight, labels, s, mg, ignore_index, class_start);
+      });
   return out;
 }
 
@@ -321,15 +320,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_softmax_backward_cpu(
     const at::Tensor& lse, double m1, double m2, double m3, double lam, bool normalize_features,
     bool normalize_weight, int64_t ignore_index, int64_t class_start, int64_t num_classes,
     bool check_data) {
-  check_softmax_backward_args(grad_loss, grad_lse, features, weight, labels, scale, lse, m1, m2,
-                              m3, lam, ignore_index, class_start, num_classes, check_data);
+  check_softmax_backward_args(grad_loss, grad_lse, features, weight, labels, scale, lse, m1, m2, m3,
+                              lam, ignore_index, class_start, num_classes, check_data);
   const Margins mg{m1, m2, m3, lam, normalize_features, normalize_weight};
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
-                                  "cosine_softmax_backward", [&] {
-    out = backward_impl<scalar_t>(grad_loss, grad_lse, features, weight, labels, scale, lse, mg,
-                                  ignore_index, class_start);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, features.scalar_type(), "cosine_softmax_backward", [&] {
+        out = backward_impl<scalar_t>(grad_loss, grad_lse, features, weight, labels, scale, lse, mg,
+                                      ignore_index, class_start);
+      });
   return out;
 }
 

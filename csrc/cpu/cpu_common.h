@@ -106,8 +106,8 @@ struct LocalLabels {
   std::vector<uint8_t> ignored;  // (B,) label == ignore_index
 };
 
-inline LocalLabels local_labels(const at::Tensor& labels, int64_t ignore_index,
-                                int64_t class_start, int64_t num_local) {
+inline LocalLabels local_labels(const at::Tensor& labels, int64_t ignore_index, int64_t class_start,
+                                int64_t num_local) {
   const at::Tensor y = labels.contiguous();
   const int64_t* yp = y.data_ptr<int64_t>();
   const int64_t batch = y.numel();

@@ -15,7 +15,7 @@ namespace normface {
 namespace chunked {
 namespace cuda {
 
-constexpr int kThreads = 256;             // every kernel: 8 warps
+constexpr int kThreads = 256;  // every kernel: 8 warps
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -42,9 +42,13 @@ __device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162floa
 template <typename T>
 __device__ __forceinline__ T narrow(float x);
 template <>
-__device__ __forceinline__ float narrow<float>(float x) { return x; }
+__device__ __forceinline__ float narrow<float>(float x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ __half narrow<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __half narrow<__half>(float x) {
+  return __float2half_rn(x);
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
@@ -104,7 +108,7 @@ void dispatch_input(at::ScalarType dtype, const char* what, F&& body) {
     case at::kDouble: body(double{}); break;
     case at::kHalf: body(__half{}); break;
     case at::kBFloat16: body(__nv_bfloat16{}); break;
-    default: TORCH_CHECK(false, what, ": unsupported dtype ", dtype);
+    default: TORCH_CHECK_VALUE(false, what, ": unsupported dtype ", dtype);
   }
 }
 

@@ -12,9 +12,9 @@ namespace {
 constexpr float kInf = INFINITY;
 
 struct RowArgs {
-  const float* S;          // (B, n)
+  const float* S;  // (B, n)
   int64_t n, j0;
-  const int64_t* target;   // (B,)
+  const int64_t* target;  // (B,)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -221,19 +221,24 @@ RowArgs row_args(const at::Tensor& S, int64_t j0, const at::Tensor& target) {
 }
 
 SoftmaxPtrs softmax_ptrs(const SoftmaxTerms& t, int64_t j0) {
-  return SoftmaxPtrs{data<float>(t.table[kRow]),      data<float>(t.table[kZ]),
-                     data<float>(t.table[kV]),        data<float>(t.table[kDt]),
+  return SoftmaxPtrs{data<float>(t.table[kRow]),
+                     data<float>(t.table[kZ]),
+                     data<float>(t.table[kV]),
+                     data<float>(t.table[kDt]),
                      ptr_or_null<float>(t.col_factor, j0),
-                     data<float>(t.scale),            ptr_or_null<float>(t.lse),
-                     ptr_or_null<float>(t.g),         ptr_or_null<float>(t.e),
-                     ptr_or_null<bool>(t.active),     ptr_or_null<float>(t.gc_scale)};
+                     data<float>(t.scale),
+                     ptr_or_null<float>(t.lse),
+                     ptr_or_null<float>(t.g),
+                     ptr_or_null<float>(t.e),
+                     ptr_or_null<bool>(t.active),
+                     ptr_or_null<float>(t.gc_scale)};
 }
 
 AgentPtrs agent_ptrs(const AgentTerms& t, int64_t j0) {
-  return AgentPtrs{data<float>(t.inv_nf),          data<float>(t.inv_nw) + j0,
-                   data<float>(t.bound),           ptr_or_null<float>(t.slope),
-                   ptr_or_null<float>(t.target_grad), ptr_or_null<bool>(t.active),
-                   ptr_or_null<float>(t.gc_scale)};
+  return AgentPtrs{
+      data<float>(t.inv_nf),         data<float>(t.inv_nw) + j0,        data<float>(t.bound),
+      ptr_or_null<float>(t.slope),   ptr_or_null<float>(t.target_grad), ptr_or_null<bool>(t.active),
+      ptr_or_null<float>(t.gc_scale)};
 }
 
 // One block per row of S.
@@ -266,8 +271,8 @@ void softmax_forward_chunk(const at::Tensor& S, int64_t j0, const SoftmaxTerms& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void softmax_backward_chunk(const at::Tensor& S, at::Tensor& P, int64_t j0,
-                            const SoftmaxTerms& t, at::Tensor& row_acc) {
+void softmax_backward_chunk(const at::Tensor& S, at::Tensor& P, int64_t j0, const SoftmaxTerms& t,
+                            at::Tensor& row_acc) {
   check_float(S);
   dispatch_operand(P, [&](auto tag) {
     using P_t = decltype(tag);

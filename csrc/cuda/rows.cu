@@ -170,8 +170,8 @@ void pair_cosines(const at::Tensor& f, const at::Tensor& w, const at::Tensor& in
       TORCH_CHECK(false, "features: float64 is supported on CPU only");
     } else {
       pair_cosines_kernel<T><<<warp_row_blocks(B), kThreads, 0, stream>>>(
-          data<T>(f), data<T>(w), data<int64_t>(index), data<float>(inv_nf),
-          data<float>(inv_nw), B, D, mutable_data<float>(cos));
+          data<T>(f), data<T>(w), data<int64_t>(index), data<float>(inv_nf), data<float>(inv_nw), B,
+          D, mutable_data<float>(cos));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

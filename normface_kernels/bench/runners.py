@@ -204,8 +204,7 @@ def _torch_lce(op, inputs):
 
 
 def _liger(op, inputs):
-    from liger_kernel.ops.fused_linear_cross_entropy import (
-        LigerFusedLinearCrossEntropyFunction)
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
     e, c = inputs.prenormalized(OPS[op].options["scale"])
     y = inputs.labels
     return Runner("liger_flce", lambda: LigerFusedLinearCrossEntropyFunction.apply(e, c, y)[0],

@@ -288,7 +288,7 @@ class Suite:
         gc.collect()
 
     def _cpu_memory(self, memory_jobs, progress):
-        from . import memworker   # imported here: `python -m ...memworker` must load it fresh
+        from . import memworker  # imported here: `python -m ...memworker` must load it fresh
         gc.collect()
         jobs = [dict(op=c.op, B=c.B, D=c.D, C=c.C, dtype=c.dtype, passes=list(c.passes),
                      backend=name) for c, name in memory_jobs]
