@@ -20,6 +20,7 @@ if _cpp_error is None:
 
     _ops.register_cpp_ops()
 
+from .chunking import set_chunk_budget, set_cpu_path  # noqa: E402
 from .functional import (  # noqa: E402
     BACKENDS,
     c_contrastive,
@@ -36,7 +37,6 @@ from .functional import (  # noqa: E402
     softmax_loss_bound,
 )
 from .modules import NormFaceLoss, sphereface_lambda  # noqa: E402
-from .chunking import set_chunk_budget, set_cpu_path  # noqa: E402
 
 __all__ = [
     "BACKENDS", "NormFaceLoss", "c_contrastive", "c_triplet", "center_loss", "cosine_logits",

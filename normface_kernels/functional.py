@@ -5,7 +5,6 @@ Shapes everywhere: features (B, D), weight (C, D), labels (B,) int64, scale floa
 per-sample losses (float32, float64 for float64 inputs) and the same gradients.
 """
 
-import torch
 
 from . import backends, checks, reference
 from .backends import BACKENDS, has_cuda_kernels, has_triton  # noqa: F401 (public)

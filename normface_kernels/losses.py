@@ -27,7 +27,8 @@ from typing import Callable, Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from . import checks, functional as F, reference
+from . import checks, reference
+from . import functional as F
 
 LOSSES = ("softmax", "c_contrastive", "c_triplet")
 AUX_LOSSES = (None, "c_contrastive", "center")

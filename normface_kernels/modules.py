@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .losses import (AUX_LOSSES, DEFAULTS, LOSS_TABLE, LOSSES, OPTION_NAMES,  # noqa: F401
-                     LossOptions)
+from .losses import DEFAULTS, LOSS_TABLE, OPTION_NAMES, LossOptions
 from .scale import init_scale, scale_in_loss
 
 

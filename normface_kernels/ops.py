@@ -11,6 +11,7 @@ import torch
 
 from . import checks
 
+
 def _per_sample(features, dtype=None):
     return features.new_empty((features.shape[0],),
                               dtype=dtype or checks.acc_dtype(features.dtype))

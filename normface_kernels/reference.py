@@ -21,10 +21,10 @@ import math
 import torch
 
 from . import checks
+
 # The contract's constants: the eps of every norm, sqrt(sum x^2 + EPS), and the clamp of a
 # cosine before arccos, theta = arccos(clamp(cos, -1 + COS_CLAMP, 1 - COS_CLAMP)).
 from .checks import COS_CLAMP, EPS
-
 
 _IN_INPUT_PRECISION = False
 
@@ -229,7 +229,8 @@ def reduce_loss(loss, labels, ignore_index, reduction):
 
 
 def softmax_loss_bound(num_classes, scale):
-    """Proposition 2: log(1 + (n - 1) exp(-n / (n - 1) * s)), the lowest loss reachable at scale s."""
+    """Proposition 2: log(1 + (n - 1) exp(-n / (n - 1) * s)), the lowest loss reachable at
+    scale s."""
     n = float(num_classes)
     if n < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")

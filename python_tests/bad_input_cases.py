@@ -1,6 +1,6 @@
 """The bad-input table of the contract ("Bad input"): every op of torch.ops.normface (the C++ ops,
 the triton_* ops), every public function on every backend, and NormFaceLoss, each fed one bad
-argument. Every case must raise ValueError or RuntimeError whose message names the argument.
+argument. Every case must raise ValueError (whatever the backend) whose message names the argument.
 
 test_bad_input.py runs the table in a worker process (`python bad_input_cases.py` reads case
 names on stdin and answers one JSON line per case), so that a crash -- a kernel reading memory
@@ -189,6 +189,7 @@ def _call_public(name, kwargs):
 def _module_cases():
     """NormFaceLoss: bad constructor arguments, and bad inputs to forward."""
     import torch
+
     import normface_kernels as nk
     t = _base()
     f, y = t["f"], t["y"]

@@ -8,6 +8,7 @@ import torch
 from conftest import AGENT_CASES, assert_low_precision_close, grads, make_inputs
 
 from normface_kernels import reference
+
 # The interpreter evaluates masked-off lanes too (log(0), inf - inf in padding): numpy warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 

@@ -11,12 +11,19 @@ import math
 
 import pytest
 import torch
-from conftest import (AGENT_CASES, SPEC_SETTINGS, assert_low_precision_close, budget_for, grads,
-                      make_inputs)
+from conftest import (
+    AGENT_CASES,
+    SPEC_SETTINGS,
+    assert_low_precision_close,
+    budget_for,
+    grads,
+    make_inputs,
+)
 
 import normface_kernels as nk
 from normface_kernels import reference
 from normface_kernels.chunking import chunk_budget
+
 # The interpreter evaluates masked-off lanes too (log(0), inf - inf in padding): numpy warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 

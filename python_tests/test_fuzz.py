@@ -41,12 +41,13 @@ if not HAS_CUDA and not _KERNELS_IMPORTED:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
+from conftest import assert_low_precision_close  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import normface_kernels as nk  # noqa: E402
 from normface_kernels import reference  # noqa: E402
 from normface_kernels.chunking import chunk_budget, cpu_path  # noqa: E402
-from conftest import assert_low_precision_close  # noqa: E402
 
 # NaN and inf on purpose: numpy (the Triton interpreter) warns about them.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

@@ -40,7 +40,8 @@ def test_dry_run_prints_every_stage_and_its_commands(tmp_path):
                    "python_tests/test_cuda_backend.py", "python_tests/test_triton.py",
                    "compute-sanitizer", "--tool memcheck", "--tool racecheck",
                    "scripts/gpu_smoke_graph.py", "scripts/gpu_smoke_nccl.py",
-                   "--C 16384", "--C 131072", "--C 1048576", "gemm_floor", "torch_compile", "--targets-only"):
+                   "--C 16384", "--C 131072", "--C 1048576", "gemm_floor", "torch_compile",
+                   "--targets-only"):
         assert needle in run.stdout, needle
     assert not (tmp_path / "out").exists(), "a dry run writes nothing"
 

@@ -56,10 +56,9 @@ tables). The per-loss partials and merges of step 3 are the loss table's
 (normface_kernels/losses.py), shared with NormFaceLoss.
 """
 
-from .memory import (OPTIMIZER_STATES, memory_per_rank, memory_table,  # noqa: F401
-                     print_memory_table)
+from .memory import OPTIMIZER_STATES, memory_per_rank, memory_table, print_memory_table
 from .memory import main as _main  # noqa: F401 (python -m normface_kernels.distributed)
-from .sharded import ShardedNormFaceLoss, shard_range  # noqa: F401
+from .sharded import ShardedNormFaceLoss, shard_range
 
-__all__ = ["ShardedNormFaceLoss", "shard_range", "memory_per_rank", "memory_table",
-           "print_memory_table"]
+__all__ = ["OPTIMIZER_STATES", "ShardedNormFaceLoss", "shard_range", "memory_per_rank",
+           "memory_table", "print_memory_table"]

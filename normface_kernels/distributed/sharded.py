@@ -8,7 +8,8 @@ import math
 
 import torch
 
-from .. import backends, checks, functional as F
+from .. import backends, checks
+from .. import functional as F
 from ..losses import DEFAULTS, LOSS_TABLE, LossOptions, ShardStep
 from ..modules import LossModule
 from . import collectives

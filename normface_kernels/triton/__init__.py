@@ -27,8 +27,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(f"normface_kernels.triton needs the triton package ({error})") from error
 
-from . import config  # noqa: E402,F401
-from . import registration  # noqa: E402,F401  (defines the ops)
-from . import autograd  # noqa: E402
+# registration defines the ops, autograd.register() their autograd and the composites.
+from . import autograd, config, registration  # noqa: E402,F401
 
 autograd.register()

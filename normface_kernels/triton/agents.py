@@ -27,8 +27,16 @@ from .grad_weight import HINGE, grad_weight
 from .normalize import row_norms
 from .row_grad import row_coefs, row_grad, sparse_weight_grad
 from .rows import agent_rows, local_targets, target_cosines
-from .tiles import (cos_dot, cos_tile, launch, load_rows, relu_nan, row_ids, unit_distance,
-                    wrap_triton)
+from .tiles import (
+    cos_dot,
+    cos_tile,
+    launch,
+    load_rows,
+    relu_nan,
+    row_ids,
+    unit_distance,
+    wrap_triton,
+)
 
 _NO_INDEX = 2 ** 62  # "no index yet" in the first-index-of-the-minimum reduction
 _NO_INDEX_TL = tl.constexpr(_NO_INDEX)

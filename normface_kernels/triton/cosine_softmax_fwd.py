@@ -20,11 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config
 from ..checks import acc_dtype
+from . import config
 from .rows import softmax_rows
-from .tiles import (cos_dot, cos_tile, launch, load_rows, logit_factors, row_ids,
-                    wrap_triton)
+from .tiles import cos_dot, cos_tile, launch, load_rows, logit_factors, row_ids, wrap_triton
 
 # Rows of the saved statistics (stats[k] is a (B,) vector), see softmax_forward.
 STATS = ("nf", "t", "dt", "zy", "p_neg", "p_y", "r_bar")
@@ -46,7 +45,7 @@ def _softmax_fwd_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, s_ptr, yl_ptr, part_ptr, u
     nf = tl.load(nf_ptr + rows, mask=rmask, other=1.0)
     yl = tl.load(yl_ptr + rows, mask=rmask, other=-2)
     m = tl.full((BLOCK_M,), float("-inf"), ACC)
-    l = tl.zeros((BLOCK_M,), ACC)
+    lsum = tl.zeros((BLOCK_M,), ACC)
     r = tl.zeros((BLOCK_M,), ACC)
     u = tl.zeros((BLOCK_M, D_PAD), ACC)
     t0 = pid_s * tiles_per_split
@@ -65,12 +64,12 @@ def _softmax_fwd_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, s_ptr, yl_ptr, part_ptr, u
         rs, cs = logit_factors(nf, nw, s, NORM_F, NORM_W)
         neg = cmask[None, :] & (cols[None, :] != yl[:, None])
         z = tl.where(neg, (dot * cs[None, :]) * rs[:, None], float("-inf"))
-        # Online update; the m_new == m test keeps -inf - -inf out. A NaN z reaches l through
+        # Online update; the m_new == m test keeps -inf - -inf out. A NaN z reaches lsum through
         # exp (a max may drop it, the sum never does).
         m_new = tl.maximum(m, tl.max(z, 1))
         alpha = tl.where(m_new == m, 1.0, tl.exp(m - m_new))
         p = tl.where(neg, tl.exp(z - m_new[:, None]), 0.0)
-        l = l * alpha + tl.sum(p, 1)
+        lsum = lsum * alpha + tl.sum(p, 1)
         if GRAD:
             # b_j cos_ij = <f_i, W_j> cs_j / ||f_i||
             r = r * alpha + tl.sum(p * ((dot * cs[None, :]) / nf[:, None]), 1)
@@ -87,7 +86,7 @@ def _softmax_fwd_kernel(f_ptr, w_ptr, nf_ptr, nw_ptr, s_ptr, yl_ptr, part_ptr, u
     out = pid_s.to(tl.int64) * B + rows
     n_part = tl.num_programs(1).to(tl.int64) * B
     tl.store(part_ptr + out, m, mask=rmask)
-    tl.store(part_ptr + n_part + out, l, mask=rmask)
+    tl.store(part_ptr + n_part + out, lsum, mask=rmask)
     if GRAD:
         tl.store(part_ptr + 2 * n_part + out, r, mask=rmask)
         ds = tl.arange(0, D_PAD)

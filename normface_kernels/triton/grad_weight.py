@@ -33,8 +33,16 @@ import triton
 import triton.language as tl
 
 from . import config
-from .tiles import (cos_dot, cos_tile, launch, load_rows, logit_factors, row_ids,
-                    unit_distance, wrap_triton)
+from .tiles import (
+    cos_dot,
+    cos_tile,
+    launch,
+    load_rows,
+    logit_factors,
+    row_ids,
+    unit_distance,
+    wrap_triton,
+)
 
 SOFTMAX, HINGE = 0, 1
 # fp16 headroom: A * 2^-k_j stays below 2^(HEADROOM + 1), far from fp16's 65504.

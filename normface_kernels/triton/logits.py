@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config
 from ..checks import acc_dtype
+from . import config
 from .normalize import row_norms, unit_backward
 from .tiles import cos_tile, launch, row_ids, wrap_triton
 

@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config
 from ..checks import EPS, acc_dtype
+from . import config
 from .tiles import launch, row_ids, wrap_triton
 
 _BLOCK_R = 16

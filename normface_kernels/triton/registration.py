@@ -16,13 +16,29 @@ ops skip the data checks (no host sync: their forward checked the same labels).
 import torch
 from torch.library import triton_op
 
-from . import config
 from .. import schemas
-from ..checks import (acc_dtype, check_device, check_finite, check_hardest, check_logits_inputs,
-                      check_margins, check_normalize_inputs, check_op_inputs, check_per_sample)
+from ..checks import (
+    acc_dtype,
+    check_device,
+    check_finite,
+    check_hardest,
+    check_logits_inputs,
+    check_margins,
+    check_normalize_inputs,
+    check_op_inputs,
+    check_per_sample,
+)
+from . import config
 from .agents import STATS as AGENT_STATS
-from .agents import (c_contrastive_backward, c_contrastive_forward, c_triplet_backward,
-                     c_triplet_forward, center_loss, center_loss_backward, hardest_hinge)
+from .agents import (
+    c_contrastive_backward,
+    c_contrastive_forward,
+    c_triplet_backward,
+    c_triplet_forward,
+    center_loss,
+    center_loss_backward,
+    hardest_hinge,
+)
 from .cosine_softmax_bwd import softmax_backward
 from .cosine_softmax_fwd import STATS as SOFTMAX_STATS
 from .cosine_softmax_fwd import softmax_forward

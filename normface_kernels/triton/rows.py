@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config
 from .. import reference
+from . import config
 from .normalize import row_norms
 from .tiles import launch, row_ids, wrap_triton
 
