@@ -48,22 +48,23 @@ def input_precision():
         _IN_INPUT_PRECISION = previous
 
 
-def _norm(x, eps):
-    """||x|| with eps inside the root, as every backend defines it: sqrt(sum x^2 + eps)."""
+def norm(x, eps=EPS):
+    """(..., 1) ||x|| along the last dim with eps inside the root, as every backend defines it:
+    sqrt(sum x^2 + eps)."""
     return torch.sqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
 def l2_normalize(x, eps=EPS):
     """x / sqrt(sum x^2 + eps) along the last dim (paper eq. 3); result in x's dtype."""
     xa = x.to(acc_dtype(x))
-    return (xa / _norm(xa, eps)).to(x.dtype)
+    return (xa / norm(xa, eps)).to(x.dtype)
 
 
 def cosine_logits(features, weight, scale=1.0, eps=EPS):
     """(B, C) matrix s * cos(f_i, W_j), in the accumulation dtype."""
     f = features.to(acc_dtype(features))
     w = weight.to(f.dtype)
-    return scale * ((f / _norm(f, eps)) @ (w / _norm(w, eps)).t())
+    return scale * ((f / norm(f, eps)) @ (w / norm(w, eps)).t())
 
 
 def psi(cos_target, m1=1.0, m2=0.0, m3=0.0):
@@ -122,7 +123,7 @@ def softmax_logits(features, weight, labels, scale, *, m1=1.0, m2=0.0, m3=0.0, l
     acc = acc_dtype(features) if acc is None else acc
     f, w = features.to(acc), weight.to(acc)
     s = scale.to(acc) if torch.is_tensor(scale) else scale
-    f_norm, w_norm = _norm(f, eps), _norm(w, eps)          # (B, 1), (C, 1)
+    f_norm, w_norm = norm(f, eps), norm(w, eps)          # (B, 1), (C, 1)
     f_unit, w_unit = f / f_norm, w / w_norm
     a = torch.ones_like(f_norm) if normalize_features else f_norm
     b = torch.ones_like(w_norm) if normalize_weight else w_norm

@@ -218,7 +218,7 @@ def natural_scales(case, dtype=torch.float64):
     u = {"none": case.upstream, "sum": torch.ones(B, dtype=torch.float64),
          "mean": torch.full((B,), 1.0 / max(1, int(valid.sum())), dtype=torch.float64)}
     u = u[case.reduction] * valid
-    nf, nw = reference._norm(f, 1e-12)[:, 0], reference._norm(w, 1e-12)[:, 0]
+    nf, nw = reference.norm(f)[:, 0], reference.norm(w)[:, 0]
     if case.loss == "softmax":
         k = case.kwargs
         z, _ = softmax_logits(case, dtype)

@@ -14,7 +14,7 @@ def test_memory_tables_are_what_python_m_distributed_prints():
         readme = handle.read()
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        distributed._main()                      # python -m normface_kernels.distributed
+        distributed.memory.main()                # python -m normface_kernels.distributed
     tables = [block.strip() for block in printed.getvalue().split("\n\n")
               if block.startswith("| classes")]
     assert len(tables) == 2 and all("| sampled |" in table for table in tables)

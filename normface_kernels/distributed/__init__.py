@@ -57,7 +57,6 @@ tables). The per-loss partials and merges of step 3 are the loss table's
 """
 
 from .memory import OPTIMIZER_STATES, memory_per_rank, memory_table, print_memory_table
-from .memory import main as _main  # noqa: F401 (python -m normface_kernels.distributed)
 from .sharded import ShardedNormFaceLoss, shard_range
 
 __all__ = ["OPTIMIZER_STATES", "ShardedNormFaceLoss", "shard_range", "memory_per_rank",

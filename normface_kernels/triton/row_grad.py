@@ -19,9 +19,6 @@ import triton.language as tl
 from . import config
 from .tiles import launch, row_ids, wrap_triton
 
-# Rows of the coefficient table of _row_grad_kernel.
-ROW_COEFS = ("nf", "alpha", "beta", "gamma", "ext", "live")
-
 
 @triton.jit
 def _row_vec(f_ptr, w_ptr, u_ptr, y1, y2, alpha, beta, gamma, rows, rmask, ds, D, stride_fb,
@@ -79,7 +76,8 @@ def _row_grad_kernel(f_ptr, w_ptr, u_ptr, coef_ptr, y1_ptr, y2_ptr, gf_ptr, B, D
 
 def row_grad(features, weight, coef, y1, y2=None, u=None):
     """grad_features (B, D) in features' dtype from the closed form above. coef: (6, B) rows
-    ROW_COEFS in the accumulation dtype; y1, y2: (B,) row ids of W (< 0: none); u: (B, D)."""
+    (nf, alpha, beta, gamma, ext, live) in the accumulation dtype; y1, y2: (B,) row ids of W
+    (< 0: none); u: (B, D)."""
     B, D = features.shape
     grad_f = torch.empty((B, D), dtype=features.dtype, device=features.device)
     if B == 0 or D == 0:
