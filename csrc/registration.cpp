@@ -1,4 +1,6 @@
-// Every op schema of normface_kernels, in one place (docs/contract.md: their math).
+// Every C++ op schema of normface_kernels (docs/contract.md: their math). The same table for
+// Python is normface_kernels/schemas.py (the Triton ops are defined from it); a test keeps the
+// two equal.
 //
 // Backends are plain functions registered elsewhere with TORCH_LIBRARY_IMPL:
 //   csrc/cpu/      CPU kernels (always built)
