@@ -90,18 +90,25 @@ class Backend:
     module: Optional[str] = None             # imported on first use: defines the ops
     variants: Tuple[str, ...] = ()           # benchmark rows of the same ops on another path
 
+    def checked(self):
+        """(available, why not), found once per process (the installation does not change), so
+        that a call traced by torch.compile reads a dict instead of tracing into importlib."""
+        if self.name not in _STATUS:
+            _STATUS[self.name] = self.status()
+        return _STATUS[self.name]
+
     def available(self):
         """Whether the backend can run here (no side effect)."""
-        return self.status()[0]
+        return self.checked()[0]
 
     def unavailable_reason(self):
-        return self.status()[1]
+        return self.checked()[1]
 
     def load(self):
         """(ok, why not): the status, then the import that defines the ops, once. A module that
         fails to import (a kernel that does not define, an op that does not register) makes the
         backend unavailable with its reason rather than raising on every call of "auto"."""
-        ok, why = self.status()
+        ok, why = self.checked()
         if not ok or self.module is None:
             return ok, why
         if self.name not in _LOADED:
@@ -119,8 +126,9 @@ class Backend:
         return getattr(torch.ops.normface, self.op_prefix + name)
 
 
-# Results of Backend.load: a module-level dict rather than functools.lru_cache, which
-# torch.compile would trace through with a warning.
+# Results of Backend.checked and Backend.load: module-level dicts rather than
+# functools.lru_cache, which torch.compile would trace through with a warning.
+_STATUS = {}
 _LOADED = {}
 
 REGISTRY = {b.name: b for b in (
