@@ -91,10 +91,9 @@ class Backend:
     variants: Tuple[str, ...] = ()           # benchmark rows of the same ops on another path
 
     def checked(self):
-        """(available, why not), found once per process (the installation does not change), so
-        that a call traced by torch.compile reads a dict instead of tracing into importlib."""
-        if self.name not in _STATUS:
-            _STATUS[self.name] = self.status()
+        """(available, why not), found once, when this module is imported (the installation does
+        not change): a call traced by torch.compile reads a dict instead of tracing into
+        importlib, which dynamo refuses."""
         return _STATUS[self.name]
 
     def available(self):
@@ -126,9 +125,8 @@ class Backend:
         return getattr(torch.ops.normface, self.op_prefix + name)
 
 
-# Results of Backend.checked and Backend.load: module-level dicts rather than
-# functools.lru_cache, which torch.compile would trace through with a warning.
-_STATUS = {}
+# Results of Backend.load: a module-level dict rather than functools.lru_cache, which
+# torch.compile would trace through with a warning.
 _LOADED = {}
 
 REGISTRY = {b.name: b for b in (
@@ -142,6 +140,9 @@ REGISTRY = {b.name: b for b in (
             _triton_status, module="normface_kernels.triton"),
     Backend("cuda", "", "CUDA tensors", lambda device: device.type == "cuda", _cuda_status),
 )}
+
+# Every backend's (available, why not), read once here (Backend.checked): no side effect.
+_STATUS = {name: backend.status() for name, backend in REGISTRY.items()}
 
 BACKENDS = ("auto",) + tuple(REGISTRY)
 
