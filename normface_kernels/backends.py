@@ -14,8 +14,6 @@ only the C++ library, whose load it records.
 """
 
 import dataclasses
-import importlib
-import importlib.metadata
 import importlib.util
 import os
 from typing import Callable, Optional, Tuple
@@ -29,9 +27,6 @@ try:
     CPP_ERROR = None
 except ImportError as error:  # pragma: no cover - exercised only on broken installs
     CPP_ERROR = error
-
-# The oldest Triton release the kernels are written and checked for (the AOT check, CI-oldest).
-MIN_TRITON = (3, 6)
 
 
 def _cpp_status():
@@ -51,27 +46,19 @@ def _cuda_status():
     return True, None
 
 
-def _version_tuple(text):
-    parts = []
-    for piece in text.split(".")[:2]:
-        digits = "".join(c for c in piece if c.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 def _triton_status():
-    """The triton package is installed and recent enough: read from its metadata, nothing is
-    imported."""
+    """A `triton` module is installed (whichever distribution ships it: triton, pytorch-triton,
+    ...); nothing is imported. Its version is checked when the backend loads
+    (normface_kernels/triton/__init__.py)."""
     if importlib.util.find_spec("triton") is None:
         return False, "the triton package is not installed"
-    try:
-        version = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        return False, "the triton package has no version metadata"
-    if _version_tuple(version) < MIN_TRITON:
-        return False, (f"triton {version} is older than the oldest supported "
-                       f"{'.'.join(map(str, MIN_TRITON))}")
     return True, None
+
+
+def _load_triton_ops():
+    # A plain import statement, not importlib.import_module: torch.compile traces the former
+    # when a compiled step is the first to use the backend, and refuses the latter.
+    from . import triton  # noqa: F401
 
 
 def triton_interpreted():
@@ -87,7 +74,7 @@ class Backend:
     devices: str                             # in words, for the error of a wrong device
     accepts: Callable[[torch.device], bool]  # whether it runs on tensors of this device
     status: Callable[[], Tuple[bool, Optional[str]]]  # (can run here, why not), no side effect
-    module: Optional[str] = None             # imported on first use: defines the ops
+    loader: Optional[Callable[[], None]] = None  # run on first use: defines the ops
     variants: Tuple[str, ...] = ()           # benchmark rows of the same ops on another path
 
     def checked(self):
@@ -108,13 +95,13 @@ class Backend:
         fails to import (a kernel that does not define, an op that does not register) makes the
         backend unavailable with its reason rather than raising on every call of "auto"."""
         ok, why = self.checked()
-        if not ok or self.module is None:
+        if not ok or self.loader is None:
             return ok, why
         if self.name not in _LOADED:
             try:
-                importlib.import_module(self.module)
+                self.loader()
             except Exception as error:  # noqa: BLE001 - any import/registration failure
-                _LOADED[self.name] = (False, f"{self.module} failed to load "
+                _LOADED[self.name] = (False, f"its ops failed to load "
                                              f"({type(error).__name__}: {error})")
             else:
                 _LOADED[self.name] = (True, None)
@@ -137,7 +124,7 @@ REGISTRY = {b.name: b for b in (
     Backend("triton", "triton_", "CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)",
             lambda device: device.type == "cuda" or (device.type == "cpu"
                                                      and triton_interpreted()),
-            _triton_status, module="normface_kernels.triton"),
+            _triton_status, loader=_load_triton_ops),
     Backend("cuda", "", "CUDA tensors", lambda device: device.type == "cuda", _cuda_status),
 )}
 

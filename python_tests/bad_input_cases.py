@@ -279,7 +279,7 @@ def serve():
     """Worker loop: one case name per stdin line -> one JSON line on stdout."""
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
     import normface_kernels as nk
-    triton_ok = nk.has_triton()
+    triton_ok = nk.backends.REGISTRY["triton"].load()[0]  # defines the triton_* ops
     table = cases()
     for line in sys.stdin:
         name = line.strip()

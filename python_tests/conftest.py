@@ -100,7 +100,9 @@ def assert_low_precision_close(kernel, plain, exact, atol, what, *, clamp_to=Non
     overflows to +-inf in it where the exact one is beyond it). Where plain PyTorch breaks down
     (a non-finite entry: eps underflows, 0 / 0) it gives no slack there, or, with plain_fallback,
     its error is taken as plain_fallback instead."""
-    kernel, plain, exact = (t.detach().double().cpu() for t in (kernel, plain, exact))
+    # On the exact result's device: a GPU test's (C, D) gradients stay there (no host copies).
+    kernel, plain, exact = (t.detach().to(device=exact.device, dtype=torch.float64)
+                            for t in (kernel, plain, exact))
     assert kernel.shape == exact.shape, (
         f"{what}: shape {tuple(kernel.shape)} != {tuple(exact.shape)}")
     if clamp_to is not None:
@@ -153,8 +155,8 @@ class Backend:
     interpreted: bool = False
 
     def op(self, name):
-        """torch.ops.normface.<name>, the Triton one (triton_<name>, same schema) for triton."""
-        return getattr(torch.ops.normface, ("triton_" if self.name == "triton" else "") + name)
+        """torch.ops.normface.<name> of this backend (the registry's: triton_<name> for triton)."""
+        return normface_kernels.backends.get(self.api).op(name)
 
     def inputs(self, B, C, D, dtype=None, **kwargs):
         """make_inputs on this backend's device, in `dtype` (default self.dtype)."""

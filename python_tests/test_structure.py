@@ -29,12 +29,6 @@ def test_cpp_registers_nothing_outside_the_table():
     assert ours == set(schemas.CPP)
 
 
-def test_triton_twins_have_the_cpp_schema():
-    assert set(schemas.TRITON_TWINS) <= set(schemas.CPP)
-    for name in schemas.TRITON_TWINS:
-        assert schemas.TRITON[name] == schemas.CPP[name]
-
-
 def test_signature_rejects_a_body_that_drifted():
     def body(x, epsilon):
         return x
@@ -89,7 +83,8 @@ def test_no_import_cycle():
     ("normface_kernels.checks", set()),
     ("normface_kernels.schemas", set()),
     ("normface_kernels.reference", {"normface_kernels.checks"}),
-    ("normface_kernels.backends", {"normface_kernels._C"}),
+    # The registry loads the C++ library and, on first use, the Triton ops: nothing else.
+    ("normface_kernels.backends", {"normface_kernels._C", "normface_kernels.triton"}),
 ])
 def test_bottom_modules_import_nothing_above_them(module, allowed):
     assert _imports()[module] <= allowed
@@ -106,6 +101,36 @@ def test_backend_predicates_have_no_side_effect():
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0 and "ok" in run.stdout, run.stdout + run.stderr
+
+
+_FIRST_USE_COMPILED = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch, normface_kernels as nk
+assert "normface_kernels.triton" not in sys.modules
+g = torch.Generator().manual_seed(0)
+f = torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+w = torch.randn(7, 8, generator=g, dtype=torch.float64, requires_grad=True)
+y = torch.randint(0, 7, (5,), generator=g)
+step = torch.compile(lambda f, w, y: nk.cosine_softmax(f, w, y, 10.0, m2=0.3, backend="triton"),
+                     fullgraph=True, backend="aot_eager")
+loss = step(f, w, y)
+ref = nk.cosine_softmax(f, w, y, 10.0, m2=0.3, backend="reference")
+torch.testing.assert_close(loss, ref)
+torch.testing.assert_close(torch.autograd.grad(loss, (f, w)), torch.autograd.grad(ref, (f, w)))
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not nk.has_triton(), reason="triton is not installed")
+def test_first_use_of_triton_inside_torch_compile():
+    """The Triton ops are defined on first use; when that use is a compiled step
+    (fullgraph=True), the load must be traceable. A fresh process: the test suite itself loads
+    them up front (conftest)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-c", _FIRST_USE_COMPILED], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stdout + run.stderr[-3000:]
 
 
 def test_registry_drives_backend_names_and_errors():

@@ -20,12 +20,21 @@ Layout (one file per kernel family; in each, `_x_kernel` (Triton) -> launcher ->
     autograd.py            autograd of the ops; the public-schema loss ops as composites
 """
 
+import re
+
 # This package is named `triton` too: absolute imports reach the real Triton package.
 try:
     import triton as _triton  # noqa: F401
     import triton.language as _tl  # noqa: F401
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(f"normface_kernels.triton needs the triton package ({error})") from error
+
+# The oldest Triton release the kernels are written and checked for (the AOT check, CI-oldest).
+MIN_TRITON = (3, 6)
+_version = re.match(r"(\d+)\.(\d+)", _triton.__version__)
+if _version is None or tuple(map(int, _version.groups())) < MIN_TRITON:
+    raise ImportError(f"triton {_triton.__version__} is older than the oldest supported, "
+                      f"{'.'.join(map(str, MIN_TRITON))}")
 
 # registration defines the ops, autograd.register() their autograd and the composites.
 from . import autograd, config, registration  # noqa: E402,F401
