@@ -210,28 +210,16 @@ def _run_sampling(rank, world, seed):
     return errors
 
 
-def _worker(rank, world, init_file, result_dir):
+def _in_group(rank, world, init_file, result_dir, body):
+    """A spawned rank: joins the gloo group, runs body(rank, world) -> errors, writes them to
+    rank<r>.txt (an exception is reported there too), and leaves without interpreter teardown."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     errors = []
     try:
-        for i, (name, kw, extra) in enumerate(SETTINGS):
-            errors += _run_setting(rank, world, name, kw, extra, seed=i, sizes=SIZES[world])
-        # Equal local batches take the no-padding path of the gather.
-        errors += _run_setting(rank, world, "equal_local_batches", dict(aux="center"), {},
-                               seed=99, sizes=[3] * world)
-        errors += _run_sampling(rank, world, seed=123)
-        # A label outside [0, C) raises the same ValueError on every rank (no hang).
-        sharded = nkd.ShardedNormFaceLoss(D, C, backend="cpu", dtype=torch.float64)
-        bad = torch.full((SIZES[world][rank],), C if rank == world - 1 else 0)
-        try:
-            sharded(torch.randn(SIZES[world][rank], D, dtype=torch.float64), bad)
-            errors.append(f"[bad label rank {rank}] no error")
-        except ValueError as error:
-            if "labels" not in str(error):
-                errors.append(f"[bad label rank {rank}] message: {error}")
+        errors += body(rank, world)
     except Exception:  # report, and still reach destroy_process_group
         errors.append(traceback.format_exc())
     finally:
@@ -245,6 +233,42 @@ def _worker(rank, world, init_file, result_dir):
         os._exit(0)
 
 
+def _spawn(worker, world):
+    """Runs worker on `world` ranks; returns every rank's report (empty: no error)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(world, os.path.join(tmp, "rendezvous"), tmp), nprocs=world,
+                 join=True)
+        reports = []
+        for rank in range(world):
+            with open(os.path.join(tmp, f"rank{rank}.txt")) as result:
+                reports.append(result.read())
+    return reports
+
+
+def _cpu_checks(rank, world):
+    errors = []
+    for i, (name, kw, extra) in enumerate(SETTINGS):
+        errors += _run_setting(rank, world, name, kw, extra, seed=i, sizes=SIZES[world])
+    # Equal local batches take the no-padding path of the gather.
+    errors += _run_setting(rank, world, "equal_local_batches", dict(aux="center"), {},
+                           seed=99, sizes=[3] * world)
+    errors += _run_sampling(rank, world, seed=123)
+    # A label outside [0, C) raises the same ValueError on every rank (no hang).
+    sharded = nkd.ShardedNormFaceLoss(D, C, backend="cpu", dtype=torch.float64)
+    bad = torch.full((SIZES[world][rank],), C if rank == world - 1 else 0)
+    try:
+        sharded(torch.randn(SIZES[world][rank], D, dtype=torch.float64), bad)
+        errors.append(f"[bad label rank {rank}] no error")
+    except ValueError as error:
+        if "labels" not in str(error):
+            errors.append(f"[bad label rank {rank}] message: {error}")
+    return errors
+
+
+def _worker(rank, world, init_file, result_dir):
+    _in_group(rank, world, init_file, result_dir, _cpu_checks)
+
+
 # The Triton backend's shards (its closed-form backward merged by the collectives), run in the
 # Triton interpreter on CPU tensors: a subset of SETTINGS that covers every loss and mode.
 TRITON_SETTINGS = ("normface_learned_scale", "arcface_learned", "l_softmax",
@@ -252,64 +276,38 @@ TRITON_SETTINGS = ("normface_learned_scale", "arcface_learned", "l_softmax",
                    "c_triplet_hardest_center_aux", "c_triplet_all_center")
 
 
+def _triton_checks(rank, world):
+    if not normface_kernels.has_triton():
+        return ["SKIP " + normface_kernels.backends.REGISTRY["triton"].unavailable_reason()]
+    errors = []
+    for i, (name, kw, extra) in enumerate(SETTINGS):
+        if name in TRITON_SETTINGS:
+            errors += _run_setting(rank, world, name, kw, extra, seed=i, sizes=SIZES[world],
+                                   backend="triton")
+    errors += _run_setting(rank, world, "nan_in_ignored_row",
+                           dict(margins=(1.0, 0.3, 0.0), aux="c_contrastive"),
+                           {"nan_ignored": True}, seed=7, sizes=SIZES[world], backend="triton")
+    return errors
+
+
 def _triton_worker(rank, world, init_file, result_dir):
     os.environ["TRITON_INTERPRET"] = "1"  # before normface_kernels.triton is imported
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    errors = []
-    try:
-        if not normface_kernels.has_triton():
-            reason = normface_kernels.backends.REGISTRY["triton"].unavailable_reason()
-            errors.append("SKIP " + reason)
-        else:
-            for i, (name, kw, extra) in enumerate(SETTINGS):
-                if name in TRITON_SETTINGS:
-                    errors += _run_setting(rank, world, name, kw, extra, seed=i,
-                                           sizes=SIZES[world], backend="triton")
-            errors += _run_setting(rank, world, "nan_in_ignored_row",
-                                   dict(margins=(1.0, 0.3, 0.0), aux="c_contrastive"),
-                                   {"nan_ignored": True}, seed=7, sizes=SIZES[world],
-                                   backend="triton")
-    except Exception:  # report, and still reach destroy_process_group
-        errors.append(traceback.format_exc())
-    finally:
-        with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as out:
-            out.write("\n".join(errors))
-        dist.barrier()
-        dist.destroy_process_group()
-        os._exit(0)
+    _in_group(rank, world, init_file, result_dir, _triton_checks)
 
 
 def test_sharded_triton_equals_single_process():
     pytest.importorskip("triton", reason="the triton package is not installed")
-    world = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_triton_worker, args=(world, os.path.join(tmp, "rendezvous"), tmp),
-                 nprocs=world, join=True)
-        report = []
-        for rank in range(world):
-            with open(os.path.join(tmp, f"rank{rank}.txt")) as result:
-                text = result.read()
-            if text.startswith("SKIP"):
-                pytest.skip(text)
-            if text:
-                report.append(text)
+    reports = _spawn(_triton_worker, 2)
+    for text in reports:
+        if text.startswith("SKIP"):
+            pytest.skip(text)
+    report = [text for text in reports if text]
     assert not report, "\n".join(report)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_equals_single_process(world):
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "rendezvous"), tmp), nprocs=world,
-                 join=True)
-        report = []
-        for rank in range(world):
-            with open(os.path.join(tmp, f"rank{rank}.txt")) as result:
-                text = result.read()
-            if text:
-                report.append(text)
+    report = [text for text in _spawn(_worker, world) if text]
     assert not report, "\n".join(report)
 
 
