@@ -10,7 +10,7 @@ Asking whether a backend is available has no side effect: the Triton ops are def
 import) only when a call first selects backend "triton" (`Backend.load`).
 
 This module sits below the public API (functional.py, modules.py); from the package it imports
-only the C++ library, whose load it records.
+only the C++ library, whose load it records, and, on first use, the Triton ops.
 """
 
 import dataclasses
@@ -107,6 +107,13 @@ class Backend:
                 _LOADED[self.name] = (True, None)
         return _LOADED[self.name]
 
+    def require(self):
+        """load(), raising RuntimeError with the reason when the backend cannot run here."""
+        ok, why = self.load()
+        if not ok:
+            raise RuntimeError(f"backend={self.name!r} is not available: {why}")
+        return self
+
     def op(self, name):
         """The op `name` of this backend (torch.ops.normface.<prefix><name>)."""
         return getattr(torch.ops.normface, self.op_prefix + name)
@@ -155,10 +162,7 @@ def resolve(name, device):
             if backend.accepts(device) and backend.load()[0]:
                 return backend
         return REGISTRY["reference"]
-    backend = get(name)
-    ok, why = backend.load()
-    if not ok:
-        raise RuntimeError(f"backend={name!r} is not available: {why}")
+    backend = get(name).require()
     if not backend.accepts(device):
         raise ValueError(f"backend={name!r} needs {backend.devices}, got features on {device}")
     return backend
@@ -170,14 +174,12 @@ def has_cuda_kernels():
 
 
 def has_triton():
-    """True when the triton package is installed in a supported version (nothing is imported;
-    the Triton ops are defined on first use, and a failure there is the error of
+    """True when a triton module is installed (nothing is imported: the Triton ops are defined,
+    and triton's version checked, on first use; a failure there is the error of
     backend="triton")."""
     return REGISTRY["triton"].available()
 
 
 def load_triton():
     """Define the Triton ops (torch.ops.normface.triton_*) now; raises RuntimeError why not."""
-    ok, why = REGISTRY["triton"].load()
-    if not ok:
-        raise RuntimeError(f"backend='triton' is not available: {why}")
+    REGISTRY["triton"].require()
