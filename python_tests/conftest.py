@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import normface_kernels
-from normface_kernels import reference
+from normface_kernels import checks, reference
 from normface_kernels.chunking import chunk_budget, cpu_path
 
 # The Triton ops are defined on first use of backend="triton"; tests also call them directly. A
@@ -164,7 +164,7 @@ class Backend:
 
     def scale(self, value, dtype=None, requires_grad=True):
         """A 0-dim scale tensor in the accumulation dtype of `dtype` inputs."""
-        acc = reference.acc_dtype(torch.empty((), dtype=dtype or self.dtype))
+        acc = checks.acc_dtype(dtype or self.dtype)
         return torch.tensor(float(value), dtype=acc, device=self.device,
                             requires_grad=requires_grad)
 
@@ -183,11 +183,12 @@ def _backend(name):
         return Backend(name, "cpu", "cpu", torch.float64, torch.float64,
                        (torch.float16, torch.bfloat16))
     if name == "triton":
-        if not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"):
-            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
-        if not normface_kernels.has_triton():
-            pytest.skip("the Triton ops are not available")
         device = "cuda" if HAS_CUDA else "cpu"
+        triton = normface_kernels.backends.REGISTRY["triton"]
+        if not triton.available():
+            pytest.skip(triton.unavailable_reason())
+        if not triton.accepts(torch.device(device)):
+            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
         # The interpreter has no bfloat16 arithmetic.
         low = (torch.float16, torch.bfloat16) if HAS_CUDA else (torch.float16,)
         return Backend(name, "triton", device, torch.float32, torch.float64, low,
@@ -240,7 +241,7 @@ def budget_for(classes, B, D, dtype=torch.float64, device="cpu"):
     the width to a multiple of 128). Per class: B + D values of the accumulation dtype, plus for
     16-bit inputs B 16-bit values on CUDA (the 16-bit P operand) or D float32 values on the CPU
     (the W chunk converted to float32); on the CPU every thread has its own buffers."""
-    acc = reference.acc_dtype(torch.empty((), dtype=dtype)).itemsize
+    acc = checks.acc_dtype(dtype).itemsize
     per_class = (B + D) * acc
     if dtype in (torch.float16, torch.bfloat16):
         per_class += B * dtype.itemsize if torch.device(device).type == "cuda" else D * acc
