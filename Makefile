@@ -3,14 +3,16 @@
 #   make bench   the main job: the benchmark (quick CPU grid without a GPU, full grid with one)
 #   make test    the test suite (Triton kernels run interpreted on CPU when there is no GPU)
 # On a GPU machine (no registry needed; its python3 with torch is used, not a venv):
-#   make gpu-check DIR=out   build + GPU tests + sanitizers + bench + smoke checks, ~9 minutes
+#   make gpu-check DIR=out   build + GPU tests + sanitizers + bench + profile, ~9 minutes
+# Here, before it: `make gpu-wheels` (the benchmark's peers, carried as .whl/); after it,
+# `make gpu-unpack FROM=<folder with results.tar.gz>` (the build, for a rerun, in .gpu-ext/).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 GPU_PY ?= python3
 DIR ?= gpu-check-out
 
 .PHONY: setup bench test lint format cmake-test aot-check cuda-check ci-oldest gpu-check \
-	gpu-check-dry-run
+	gpu-check-dry-run gpu-wheels gpu-unpack
 setup:
 	VENV=$(VENV) bash scripts/setup.sh
 
@@ -59,3 +61,21 @@ gpu-check:
 
 gpu-check-dry-run:
 	$(GPU_PY) scripts/gpu_check.py $(DIR) --dry-run $(GPU_CHECK_ARGS)
+
+# The peers the GPU benchmark compares with (pure-Python wheels, pinned), downloaded here for the
+# GPU machine's Python 3.12: the device tool carries .whl/ (git ignores it), the peers stage
+# installs it there.
+PEER_WHEELS = liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+gpu-wheels:
+	rm -rf .whl && python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux2014_x86_64 -d .whl $(PEER_WHEELS)
+	@ls .whl
+
+# A GPU check's results.tar.gz (FROM=its folder): ext/ (the build) into .gpu-ext/, which a rerun
+# carries to skip the build while csrc/ is unchanged; bench/ into gpu-check-out/bench/.
+FROM ?= gpu-check-out
+gpu-unpack:
+	rm -rf .gpu-ext gpu-check-out/bench && mkdir -p .gpu-ext gpu-check-out
+	tar xzf $(FROM)/results.tar.gz -C gpu-check-out
+	if [ -d gpu-check-out/ext ]; then mv gpu-check-out/ext/* .gpu-ext/ && rmdir gpu-check-out/ext; fi
+	@ls .gpu-ext; ls gpu-check-out/bench 2>/dev/null || true

@@ -6,30 +6,50 @@ pytest, nvcc and compute-sanitizer, as on this project's H200):
     python3 scripts/gpu_check.py out --dry-run   # every stage's commands, runs nothing
     python3 scripts/gpu_check.py out --only build,cuda-tests --budget 300
 
-Stages, in order; each has its own time cap inside an overall budget (--budget, default 540 s),
-and a failing or timed-out stage does not stop the later ones:
-    build          the extension against this machine's torch (MAX_JOBS=nproc, sm_90, ptxas -v)
+Through the device tool (`make gpu-wheels` here first, once: the benchmark's peers as wheels):
+    run(command="make gpu-check DIR=$OUT", carry=[".whl"], timeout_s=600)
+and a rerun after fixes, without rebuilding when csrc/ did not change: unpack the first run's
+results.tar.gz here (`make gpu-unpack FROM=<files_at>`, which fills .gpu-ext/), then
+    run(command="make gpu-check DIR=$OUT GPU_CHECK_ARGS='--only ...'", carry=[".whl", ".gpu-ext"])
+
+Two phases inside one budget (--budget, default 540 s). The checks phase runs three lanes side
+by side (each lane's stages in order; correctness does not suffer from sharing the GPU), then the
+measure phase runs its stages one at a time, alone on the machine, with MEASURE_SECONDS kept for
+it. Every stage has its own time cap; a failing or timed-out stage does not stop the later ones.
+  checks / cuda lane
+    build          the extension against this machine's torch (MAX_JOBS=nproc, sm_90, ptxas -v);
+                   skipped when .gpu-ext/ holds a build of the same csrc/ for the same torch
     cuda-resources registers / spills / stack of every CUDA kernel (scripts/cuda_resource_check)
-    cuda-tests     python_tests/test_cuda_*.py and the shared scenarios' cuda cases on the GPU
-    triton-tests   python_tests/test_triton*.py and the shared scenarios' triton cases, compiled
-                   (no interpreter)
+    cuda-tests     python_tests/test_cuda_*.py, the shared scenarios' and the fuzz's cuda cases
     sync-graph     a training step under torch.cuda.set_sync_debug_mode("error") with the data
                    checks off, and its capture and replay in a CUDA graph (scripts/gpu_smoke_graph)
     nccl           a 1-rank NCCL ShardedNormFaceLoss step against NormFaceLoss (gpu_smoke_nccl)
-    bench-rows     cosine_softmax (normface) bf16 fwd+bwd, B=1024, D=512, C=16k/128k/1M: triton,
-                   cuda, gemm_floor, eager (reference) and torch.compile
-    bench-targets  the benchmark's targets (CPU measurements, side by side)
-    memcheck       compute-sanitizer memcheck on a small set of CUDA op calls (gpu_smoke_ops)
-    racecheck      compute-sanitizer racecheck on the same calls
+  checks / triton lane (in a copy of the tree with a CPU-only build of the extension, so that
+  it need not wait for the CUDA build: the Triton tests use no CUDA C++ kernel)
+    triton-tests   python_tests/test_triton*.py and the shared scenarios' triton cases, compiled
+  checks / sanitizer lane
+    peers          installs the carried wheels (.whl/: Liger-Kernel, Cut Cross-Entropy)
+    memcheck       compute-sanitizer memcheck on every public op (cuda and triton, gpu_smoke_ops)
+    racecheck      compute-sanitizer racecheck on the same calls (cuda)
+  measure (alone)
+    bench-rows     cosine_softmax (normface) bf16 fwd+bwd, B=1024, D=512, C=1M/128k/16k: triton,
+                   cuda, gemm_floor, eager, torch.compile, Liger-Kernel, Cut Cross-Entropy
+    profile        ceilings (bf16 8192^3 matmul, d2d copy) and every kernel of a training step at
+                   C=1M: time, TFLOP/s, GB/s (scripts/gpu_profile.py)
+    ncu            Nsight Compute: speed of light, occupancy, launch statistics of each kernel
 
 DIR receives at most 8 files, each at most 16 MiB, no sub-folders: summary.md (one page, written
-last), gpu-check.log (every command, its time and exit status), build.log, tests.log,
-smoke.log, sanitizer.log, bench.log, bench.tar.gz (the benchmark's CSV/markdown/PNG).
+last), gpu-check.log (every command, its time and exit status), build.log, cuda.log, triton.log,
+sanitizer.log, bench.log, results.tar.gz (bench/: the benchmark's CSV/markdown/PNG, profile and
+ncu tables; ext/: the built extension, for a rerun without the build).
 Without a CUDA GPU it stops at once with a message (exit 2); exit 1 if any stage did not pass.
 """
 
 import argparse
+import csv
 import glob
+import hashlib
+import io
 import os
 import re
 import shlex
@@ -39,15 +59,28 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_FILE = 16 * 2 ** 20 - 2 ** 16  # the device tool brings back files up to 16 MiB
-FILES = ("summary.md", "gpu-check.log", "build.log", "tests.log", "smoke.log", "sanitizer.log",
-         "bench.log", "bench.tar.gz")
-RESERVE = 15  # seconds kept for the summary
-BENCH_CLASSES = (16_384, 131_072, 1_048_576)
+FILES = ("summary.md", "gpu-check.log", "build.log", "cuda.log", "triton.log", "sanitizer.log",
+         "bench.log", "results.tar.gz")
+RESERVE = 15           # seconds kept for the summary
+MEASURE_SECONDS = 240  # kept for the measure phase (bench-rows and profile need about this)
+BENCH_CLASSES = (1_048_576, 131_072, 16_384)  # the targets' size first: a timeout loses the rest
+WHEELS = os.path.join(ROOT, ".whl")           # carried wheels (make gpu-wheels)
+CARRIED_EXT = os.path.join(ROOT, ".gpu-ext")  # a carried build (make gpu-unpack)
+# Not copied into the Triton lane's tree: builds, environments, results, caches.
+SNAPSHOT_IGNORE = {".git", "build", ".venv", ".venv-oldest", ".ci-oldest", ".whl", ".gpu-ext",
+                   "gpu-check-out", "runs", "__pycache__", ".hypothesis", ".pytest_cache",
+                   "cmake-build"}
+NCU_SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats")
+NCU_METRICS = {"Duration": "duration", "Compute (SM) Throughput": "sm_pct",
+               "Memory Throughput": "mem_pct", "DRAM Throughput": "dram_pct",
+               "Achieved Occupancy": "occupancy_pct", "Registers Per Thread": "registers",
+               "Grid Size": "grid", "Block Size": "block"}
 
 
 @dataclass
@@ -58,60 +91,112 @@ class Stage:
     log: str                  # file in DIR
     env: dict = field(default_factory=dict)
     what: str = ""
+    lane: str = "cuda"        # checks phase: "cuda", "triton", "sanitizer"; or "measure"
+    after: tuple = ()         # stages of other lanes that must have passed first
+    cwd: str = ROOT
+    skip_why: str = ""        # set: the stage is not run (e.g. nothing to install)
+    carried: str = ""         # build: the carried extension used instead of building
     # filled in by run_stage
     status: str = "not run"
     seconds: float = 0.0
     key: list = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
 
 
-def stages(py, out, bench_dir, jobs):
+@dataclass
+class Work:
+    """Scratch folders of a run (outside DIR: only the files of FILES travel back)."""
+    root: str
+
+    @property
+    def bench(self):
+        return os.path.join(self.root, "bench")
+
+    @property
+    def tree(self):
+        return os.path.join(self.root, "tree")
+
+    @property
+    def site(self):
+        return os.path.join(self.root, "site")
+
+    @property
+    def ncu_report(self):
+        return os.path.join(self.root, "kernels")   # ncu adds .ncu-rep
+
+
+def stages(py, out, work, jobs):
     """The stages with their commands (py: this machine's python with torch; out: DIR)."""
     xdist = _has_module(py, "xdist")
     parallel = (lambda n: ["-n", str(n)]) if xdist else (lambda n: [])
     pytest = [py, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider"]
     shared = ["python_tests/test_cosine_softmax.py", "python_tests/test_agent_losses.py"]
     sanitizer = [find_tool("compute-sanitizer"), "--error-exitcode", "1", "--print-limit", "20"]
-    smoke_ops = [py, "scripts/gpu_smoke_ops.py", "--device", "cuda", "--backends", "cuda"]
-    bench = [py, "-m", "normface_kernels.bench", "--out", bench_dir, "--no-progress"]
+    smoke_ops = [py, "scripts/gpu_smoke_ops.py", "--device", "cuda", "--quick"]
+    bench = [py, "-m", "normface_kernels.bench", "--out", work.bench, "--no-progress"]
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")
+    carried = carried_build(py)
+    build = ([[py, "-c", f"print({'KEY extension not rebuilt: ' + carried!r})"]] if carried
+             else [[py, "setup.py", "build_ext", "--inplace"]])
+    wheels = sorted(glob.glob(os.path.join(WHEELS, "*.whl")))
+    needs_build = ("build",)
     return [
-        Stage("build", 300, [[py, "setup.py", "build_ext", "--inplace"]], "build.log",
-              dict(MAX_JOBS=str(jobs), TORCH_CUDA_ARCH_LIST=arch),
-              f"extension for sm_{arch.replace('.', '')}, MAX_JOBS={jobs}"),
+        Stage("build", 300, build, "build.log", dict(MAX_JOBS=str(jobs), TORCH_CUDA_ARCH_LIST=arch),
+              f"extension for sm_{arch.replace('.', '')}, MAX_JOBS={jobs}", carried=carried),
         Stage("cuda-resources", 60, [[py, "scripts/cuda_resource_check.py", "--log",
                                       os.path.join(out, "build.log")]], "build.log",
-              what="no local memory in any CUDA kernel (sm_90)"),
+              what="no local memory in any CUDA kernel (sm_90)", after=needs_build,
+              skip_why="the extension was not rebuilt (no ptxas log)" if carried else ""),
         # The property-based fuzz's CUDA cases too (random shapes, margins, dtypes, NaN rows
-        # against the float64 reference; hypothesis is on the project's GPU machine).
-        # The scenarios every backend shares (conftest's `backend` fixture) run in
-        # test_cosine_softmax.py and test_agent_losses.py: their cuda / triton cases here.
-        Stage("cuda-tests", 210, [pytest + ["python_tests/test_cuda_backend.py",
+        # against the float64 reference; hypothesis is on the project's GPU machine), and the
+        # scenarios every backend shares (conftest's `backend` fixture).
+        Stage("cuda-tests", 240, [pytest + ["python_tests/test_cuda_backend.py",
                                             "python_tests/test_cuda_registration.py"]
                                   + parallel(4),
                                   pytest + shared + ["-k", "cuda"] + parallel(4),
                                   pytest + ["python_tests/test_fuzz.py", "-k", "cuda"]
-                                  + parallel(4)], "tests.log"),
-        Stage("triton-tests", 180, [pytest + ["python_tests/test_triton.py",
+                                  + parallel(4)], "cuda.log", after=needs_build),
+        Stage("sync-graph", 90, [[py, "scripts/gpu_smoke_graph.py"]], "cuda.log",
+              after=needs_build),
+        Stage("nccl", 60, [[py, "scripts/gpu_smoke_nccl.py", "--device", "cuda"]], "cuda.log",
+              after=needs_build),
+        Stage("triton-tests", 300, [[py, "setup.py", "build_ext", "--inplace"],
+                                    pytest + ["python_tests/test_triton.py",
                                               "python_tests/test_triton_registration.py"]
-                                    + parallel(min(jobs, 8)),
+                                    + parallel(min(jobs // 2, 8)),
                                     pytest + shared + ["-k", "triton"]
-                                    + parallel(min(jobs, 8))], "tests.log"),
-        Stage("sync-graph", 120, [[py, "scripts/gpu_smoke_graph.py"]], "smoke.log"),
-        Stage("nccl", 90, [[py, "scripts/gpu_smoke_nccl.py", "--device", "cuda"]], "smoke.log"),
-        # One run per C: a timeout loses only the sizes not yet measured.
-        Stage("bench-rows", 240, [bench + [
+                                    + parallel(min(jobs // 2, 8))], "triton.log",
+              dict(NORMFACE_NO_CUDA="1", MAX_JOBS=str(max(1, jobs // 2))),
+              "in a copy of the tree, CPU-only extension", lane="triton", cwd=work.tree),
+        Stage("peers", 60, [[py, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                             "--no-compile", "--no-cache-dir", "--upgrade", "--target", work.site]
+                            + wheels], "sanitizer.log", lane="sanitizer",
+              what=", ".join(os.path.basename(w) for w in wheels),
+              skip_why="" if wheels else "no wheels in .whl/ (make gpu-wheels)"),
+        Stage("memcheck", 150, [sanitizer + ["--tool", "memcheck"] + smoke_ops
+                                + ["--backends", "cuda,triton"]], "sanitizer.log",
+              dict(PYTORCH_NO_CUDA_MEMORY_CACHING="1"), lane="sanitizer", after=needs_build),
+        Stage("racecheck", 120, [sanitizer + ["--tool", "racecheck"] + smoke_ops
+                                 + ["--backends", "cuda"]], "sanitizer.log", lane="sanitizer",
+              after=needs_build),
+        # One run per C, the target's first: a timeout loses only the sizes not yet measured.
+        Stage("bench-rows", 190, [bench + [
             "--device", "cuda", "--ops", "normface", "--passes", "fwd_bwd", "--B", "1024",
             "--D", "512", "--C", str(c), "--dtypes", "bfloat16", "--backends",
-            "triton,cuda,gemm_floor,reference,torch_compile", "--compile", "--no-targets",
-            "--name", f"cosine-softmax-bf16-C{c}"] for c in BENCH_CLASSES], "bench.log",
+            "triton,cuda,gemm_floor,reference,torch_compile,liger_flce,cce", "--compile",
+            "--no-targets", "--name", f"cosine-softmax-bf16-C{c}"] for c in BENCH_CLASSES],
+              "bench.log", lane="measure",
               what="B=1024, D=512, C=" + ", ".join(f"{c:,}" for c in BENCH_CLASSES)),
-        Stage("bench-targets", 120, [bench + ["--targets-only", "--device", "cpu", "--name",
-                                              "targets"]], "bench.log",
-              what="the foundation targets (CPU measurements)"),
-        Stage("memcheck", 120, [sanitizer + ["--tool", "memcheck"] + smoke_ops], "sanitizer.log",
-              dict(PYTORCH_NO_CUDA_MEMORY_CACHING="1")),
-        Stage("racecheck", 120, [sanitizer + ["--tool", "racecheck"] + smoke_ops + ["--quick"]],
-              "sanitizer.log"),
+        Stage("profile", 50, [[py, "scripts/gpu_profile.py", "--out", work.bench]], "bench.log",
+              lane="measure", what="ceilings, and every kernel of a step at C=1M"),
+        Stage("ncu", 90, [[find_tool("ncu"), "--clock-control", "none", "--profile-from-start",
+                           "off", "--launch-count", "64", "--export", work.ncu_report,
+                           "--force-overwrite"]
+                          + [a for s in NCU_SECTIONS for a in ("--section", s)]
+                          + [py, "scripts/gpu_profile.py", "--ncu"],
+                          [py, "scripts/gpu_check.py", "--ncu-table",
+                           work.ncu_report + ".ncu-rep", work.bench]], "bench.log",
+              lane="measure", what="one step of each backend under Nsight Compute"),
     ]
 
 
@@ -121,9 +206,11 @@ def find_tool(name):
         return shutil.which(name)
     homes = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
     homes += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    homes += sorted(glob.glob("/opt/nvidia/nsight-compute/*"), reverse=True)
     for home in filter(None, homes):
-        for candidate in (os.path.join(home, "bin", name), os.path.join(home, name, name)):
-            if os.path.exists(candidate):
+        for candidate in (os.path.join(home, "bin", name), os.path.join(home, name, name),
+                          os.path.join(home, name)):
+            if os.path.isfile(candidate):
                 return candidate
     return name
 
@@ -133,9 +220,11 @@ def _has_module(py, name):
     return subprocess.run([py, "-c", code], capture_output=True).returncode == 0
 
 
-def stage_env(stage):
+def stage_env(stage, work):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    paths = [stage.cwd] + ([work.site] if os.path.isdir(work.site) else [])
+    paths += [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(stage.env)
     return env
@@ -149,13 +238,89 @@ def _missing_paths(stage):
 
 
 # ---------------------------------------------------------------------------------------------
+# A carried build, the Triton lane's tree
+# ---------------------------------------------------------------------------------------------
+
+def source_digest(root=ROOT):
+    """What the extension is built from: every file of csrc/ and setup.py."""
+    digest = hashlib.sha256()
+    files = sorted(glob.glob(os.path.join(root, "csrc", "**", "*"), recursive=True))
+    for path in files + [os.path.join(root, "setup.py")]:
+        if os.path.isfile(path):
+            digest.update(os.path.relpath(path, root).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _python_tags(py):
+    """(extension suffix, torch version) of py, e.g. ('.cpython-312-x86_64-linux-gnu.so',
+    '2.11.0+cu130'); (None, None) when py has no torch."""
+    code = ("import sysconfig, torch; "
+            "print(sysconfig.get_config_var('EXT_SUFFIX')); print(torch.__version__)")
+    run = subprocess.run([py, "-c", code], capture_output=True, text=True)
+    lines = run.stdout.split()
+    return (lines[0], lines[1]) if run.returncode == 0 and len(lines) == 2 else (None, None)
+
+
+def carried_build(py, carried=CARRIED_EXT, root=ROOT):
+    """A description of the build in `carried` if it is of today's csrc/ for py's torch and
+    Python (then it is used instead of building), else ''."""
+    if not os.path.isdir(carried):
+        return ""
+    suffix, torch_version = _python_tags(py)
+    so = os.path.join(carried, "_C" + (suffix or ".none"))
+    try:
+        with open(os.path.join(carried, "SOURCES")) as f:
+            sources = f.read().strip()
+        with open(os.path.join(carried, "_build_info.py")) as f:
+            info = f.read()
+    except OSError:
+        return ""
+    if not (os.path.isfile(so) and sources == source_digest(root)
+            and f"TORCH = {torch_version!r}" in info and "CUDA = True" in info):
+        return ""
+    return f"{os.path.basename(so)} from .gpu-ext, built from this csrc/ for torch {torch_version}"
+
+
+def install_carried_build(carried=CARRIED_EXT, package=os.path.join(ROOT, "normface_kernels")):
+    for name in os.listdir(carried):
+        if name.startswith("_C") or name == "_build_info.py":
+            shutil.copy2(os.path.join(carried, name), os.path.join(package, name))
+
+
+def pack_build(out):
+    """ext/ of results.tar.gz: the extension just built, _build_info.py, and SOURCES."""
+    package = os.path.join(ROOT, "normface_kernels")
+    files = glob.glob(os.path.join(package, "_C*.so")) + [os.path.join(package,
+                                                                       "_build_info.py")]
+    staged = os.path.join(out, ".ext")
+    os.makedirs(staged, exist_ok=True)
+    for path in filter(os.path.isfile, files):
+        shutil.copy2(path, staged)
+    with open(os.path.join(staged, "SOURCES"), "w") as f:
+        f.write(source_digest() + "\n")
+
+
+def make_snapshot(tree, exclude=()):
+    """A copy of the repository (sources and tests, no builds or results) at `tree`."""
+    exclude = {os.path.abspath(p) for p in exclude}
+
+    def ignore(folder, names):
+        return [n for n in names if n in SNAPSHOT_IGNORE or n.endswith((".so", ".pyc"))
+                or os.path.abspath(os.path.join(folder, n)) in exclude]
+    shutil.rmtree(tree, ignore_errors=True)
+    shutil.copytree(ROOT, tree, ignore=ignore, symlinks=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------
 
-def _run(cmd, env, timeout, log):
+def _run(cmd, env, timeout, log, cwd=ROOT):
     """Runs cmd in its own process group (a timeout kills its children too: pytest workers,
     the program under compute-sanitizer). Returns the exit status, or None on a timeout."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         return proc.wait(timeout=max(1, timeout))
@@ -170,14 +335,37 @@ def _run(cmd, env, timeout, log):
         return None
 
 
-def run_stage(stage, out, deadline, driver_log):
+class DriverLog:
+    """gpu-check.log and the console, written by several lanes at once."""
+
+    def __init__(self, path):
+        self.file = open(path, "w")
+        self.lock = threading.Lock()
+
+    def write(self, text, console=False):
+        with self.lock:
+            self.file.write(text)
+            self.file.flush()
+            if console:
+                print(text.rstrip("\n"), flush=True)
+
+    def close(self):
+        self.file.close()
+
+
+def run_stage(stage, out, deadline, driver_log, work=None):
+    work = work or Work(tempfile.gettempdir())
     left = deadline - time.monotonic() - RESERVE
+    unmet = [s.name for s in getattr(stage, "waits_for", []) if not s.status.startswith("passed")]
+    if stage.skip_why or unmet:
+        stage.status = f"skipped ({stage.skip_why or ', '.join(unmet) + ' did not pass'})"
+        return
     if left < 10:
         stage.status = "skipped (budget)"
         return
     timeout = min(stage.cap, left)
     start = time.monotonic()
-    stage.status = "passed"
+    stage.status = "running"
     with open(os.path.join(out, stage.log), "a") as log:
         for cmd in stage.commands:
             line = shlex.join(cmd)
@@ -186,10 +374,10 @@ def run_stage(stage, out, deadline, driver_log):
             log.flush()
             driver_log.write(header)
             remaining = timeout - (time.monotonic() - start)
-            rc = _run(cmd, stage_env(stage), remaining, log) if remaining > 1 else None
+            rc = (_run(cmd, stage_env(stage, work), remaining, log, stage.cwd)
+                  if remaining > 1 else None)
             driver_log.write(f"     exit {rc if rc is not None else 'TIMEOUT'} after "
                              f"{time.monotonic() - start:.0f} s (cap {timeout:.0f} s)\n")
-            driver_log.flush()
             if rc is None:
                 stage.status = f"TIMED OUT ({timeout:.0f} s)"
                 log.write(f"\n==== {stage.name}: timed out after {timeout:.0f} s\n")
@@ -197,12 +385,54 @@ def run_stage(stage, out, deadline, driver_log):
             if rc != 0:
                 stage.status = f"FAILED (exit {rc})"
                 break
+        else:
+            stage.status = "passed"
     stage.seconds = time.monotonic() - start
     with open(os.path.join(out, stage.log)) as f:
         text = f.read()
     # This stage's part of the log (several stages share a log file).
     first = f"==== {stage.name}: {shlex.join(stage.commands[0])}"
     stage.key = key_numbers(stage, text[text.rfind(first):])
+
+
+def run_lane(lane, out, deadline, driver_log, work, on_done=None):
+    """The stages of one lane in order, each after the stages it waits for have ended."""
+    for stage in lane:
+        for other in getattr(stage, "waits_for", []):
+            other.done.wait(max(0.0, deadline - time.monotonic()))
+        driver_log.write(f"== {stage.name} (cap {stage.cap} s, {stage.lane} lane)\n", True)
+        try:
+            run_stage(stage, out, deadline, driver_log, work)
+        finally:
+            stage.done.set()
+        if on_done:
+            on_done(stage)
+        driver_log.write(f"   {stage.name}: {stage.status} in {stage.seconds:.0f} s"
+                         + (f": {stage.key[0]}" if stage.key else "") + "\n", True)
+
+
+def run_all(chosen, out, work, budget, driver_log, on_done=None):
+    """The checks phase (lanes side by side, until the measure phase's time), then the measure
+    phase (one stage at a time)."""
+    started = time.monotonic()
+    by_name = {s.name: s for s in chosen}
+    for stage in chosen:
+        stage.waits_for = [by_name[n] for n in stage.after if n in by_name]
+    measure = [s for s in chosen if s.lane == "measure"]
+    keep = min(MEASURE_SECONDS, sum(s.cap for s in measure), budget // 2)
+    checks_deadline = started + budget - keep
+    lanes = {}
+    for stage in chosen:
+        if stage.lane != "measure":
+            lanes.setdefault(stage.lane, []).append(stage)
+    threads = [threading.Thread(target=run_lane, args=(lane, out, checks_deadline, driver_log,
+                                                      work, on_done), daemon=True)
+               for lane in lanes.values()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    run_lane(measure, out, started + budget, driver_log, work, on_done)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +464,7 @@ def key_numbers(stage, text):
         lines += re.findall(r"(ERROR SUMMARY: .*)$", text, re.M)[-1:]
         lines += re.findall(r"^(RACECHECK SUMMARY: .*)$", text, re.M)[-1:]
     elif stage.name.startswith("bench"):
-        lines += [m for m in re.findall(r"^\s*(\[(?:PASS|FAIL)\].*)$", text, re.M)]
+        lines += [m for m in re.findall(r"^\s*(\[(?:PASS|FAIL|CHECK)\].*)$", text, re.M)]
     if stage.status != "passed" and not lines:
         tail = [line for line in text.strip().splitlines() if line.strip()][-4:]
         lines += [f"  | {line[:150]}" for line in tail]
@@ -259,10 +489,10 @@ def write_summary(out, all_stages, info, started, budget):
     lines = ["# GPU check", "",
              f"{info}", "",
              f"total {time.monotonic() - started:.0f} s (budget {budget} s)", "",
-             "| stage | status | s | key numbers |", "|---|---|---:|---|"]
+             "| stage | lane | status | s | key numbers |", "|---|---|---|---:|---|"]
     for s in all_stages:
         first = s.key[0] if s.key else ""
-        lines.append(f"| {s.name} | {s.status} | {s.seconds:.0f} | {first} |")
+        lines.append(f"| {s.name} | {s.lane} | {s.status} | {s.seconds:.0f} | {first} |")
     lines.append("")
     for s in all_stages:
         if len(s.key) > 1:
@@ -293,12 +523,22 @@ def cap_files(out):
                 f.write(head + b"\n\n[... cut to fit 16 MiB ...]\n\n" + tail)
 
 
-def pack_bench(out, bench_dir):
-    files = sorted(os.listdir(bench_dir)) if os.path.isdir(bench_dir) else []
-    if files:
-        with tarfile.open(os.path.join(out, "bench.tar.gz"), "w:gz") as tar:
-            for name in files:
-                tar.add(os.path.join(bench_dir, name), arcname=name)
+def pack_results(out, bench_dir):
+    """results.tar.gz: bench/ (the benchmark's files, profile and ncu tables) and ext/ (the
+    build, when one was made); without the build if that would pass 16 MiB."""
+    staged_ext = os.path.join(out, ".ext")
+    path = os.path.join(out, "results.tar.gz")
+    for with_ext in (True, False):
+        with tarfile.open(path, "w:gz") as tar:
+            if os.path.isdir(bench_dir):
+                for name in sorted(os.listdir(bench_dir)):
+                    tar.add(os.path.join(bench_dir, name), arcname=f"bench/{name}")
+            if with_ext and os.path.isdir(staged_ext):
+                for name in sorted(os.listdir(staged_ext)):
+                    tar.add(os.path.join(staged_ext, name), arcname=f"ext/{name}")
+        if os.path.getsize(path) <= MAX_FILE:
+            break
+    shutil.rmtree(staged_ext, ignore_errors=True)
 
 
 def machine_info(py):
@@ -333,6 +573,57 @@ def has_gpu(py):
     return False, (run.stderr.strip().splitlines() or ["torch.cuda.is_available() is False"])[-1]
 
 
+# ---------------------------------------------------------------------------------------------
+# Nsight Compute's table
+# ---------------------------------------------------------------------------------------------
+
+def ncu_kernels(csv_text):
+    """One dict per profiled launch from `ncu --csv --page details`: kernel name, and the
+    metrics of NCU_METRICS (value with its unit)."""
+    launches = {}
+    for row in csv.DictReader(io.StringIO(csv_text)):
+        launch_id = row.get("ID")
+        if launch_id is None or not row.get("Kernel Name"):
+            continue
+        entry = launches.setdefault(launch_id, {"kernel": row["Kernel Name"]})
+        for field_name in ("Grid Size", "Block Size"):
+            if row.get(field_name):
+                entry[NCU_METRICS[field_name]] = row[field_name]
+        name = NCU_METRICS.get(row.get("Metric Name", ""))
+        if name:
+            unit = row.get("Metric Unit", "")
+            entry[name] = row.get("Metric Value", "") + (f" {unit}" if unit else "")
+    return list(launches.values())
+
+
+def ncu_table(report, bench_dir):
+    """Exports an ncu report to bench_dir/ncu.csv and prints one line per kernel name (its
+    first launch): duration, SM and memory throughput, occupancy, registers."""
+    ncu = find_tool("ncu")
+    run = subprocess.run([ncu, "--import", report, "--csv", "--page", "details"],
+                         capture_output=True, text=True)
+    if run.returncode != 0:
+        print(run.stdout[-2000:], run.stderr[-2000:])
+        return 1
+    os.makedirs(bench_dir, exist_ok=True)
+    with open(os.path.join(bench_dir, "ncu.csv"), "w") as f:
+        f.write(run.stdout)
+    launches = ncu_kernels(run.stdout)
+    seen = {}
+    for launch in launches:
+        seen.setdefault(launch["kernel"][:60], (launch, 0))
+        first, count = seen[launch["kernel"][:60]]
+        seen[launch["kernel"][:60]] = (first, count + 1)
+    columns = [v for v in NCU_METRICS.values()]
+    print("kernel (first launch) | launches | " + " | ".join(columns))
+    for name, (first, count) in seen.items():
+        print(f"{name} | {count} | " + " | ".join(first.get(c, "") for c in columns))
+    print(f"KEY ncu: {len(launches)} launches of {len(seen)} kernels profiled (ncu.csv)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python3 scripts/gpu_check.py", description=__doc__,
@@ -345,11 +636,18 @@ def main(argv=None):
     parser.add_argument("--skip", default="", help="comma-separated stage names")
     parser.add_argument("--python", default=sys.executable, help="python with torch")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--rehearse", action="store_true",
+                        help="without a GPU: run everything but print each command instead of "
+                             "running it (the orchestration, the tree copy and the packing)")
+    parser.add_argument("--ncu-table", nargs=2, metavar=("REPORT", "DIR"),
+                        help="(the ncu stage) export an ncu report's details to DIR/ncu.csv")
     args = parser.parse_args(argv)
+    if args.ncu_table:
+        return ncu_table(*args.ncu_table)
 
     out = os.path.abspath(args.out)
-    bench_dir = os.path.join(tempfile.gettempdir(), "normface-gpu-check-bench")
-    all_stages = stages(args.python, out, bench_dir, args.jobs)
+    work = Work(os.path.join(tempfile.gettempdir(), "normface-gpu-check"))
+    all_stages = stages(args.python, out, work, args.jobs)
     names = [s.name for s in all_stages]
     for option in (args.only, args.skip):
         unknown = [n for n in option.split(",") if n and n not in names]
@@ -359,11 +657,17 @@ def main(argv=None):
               and s.name not in args.skip.split(",")]
 
     if args.dry_run:
-        print(f"gpu-check dry run: {len(chosen)} stages, budget {args.budget} s, results in "
-              f"{out} ({', '.join(FILES)})")
+        print(f"gpu-check dry run: {len(chosen)} stages, budget {args.budget} s "
+              f"({MEASURE_SECONDS} s kept for the measure phase), results in {out} "
+              f"({', '.join(FILES)})")
         missing = []
         for s in chosen:
-            print(f"\n[{s.name}] cap {s.cap} s -> {s.log}" + (f"  ({s.what})" if s.what else ""))
+            where = f", in {s.cwd}" if s.cwd != ROOT else ""
+            print(f"\n[{s.name}] {s.lane} lane, cap {s.cap} s -> {s.log}{where}"
+                  + (f"  ({s.what})" if s.what else "")
+                  + (f"  after {', '.join(s.after)}" if s.after else ""))
+            if s.skip_why:
+                print(f"  skipped: {s.skip_why}")
             for cmd in s.commands:
                 extra = " ".join(f"{k}={v}" for k, v in s.env.items())
                 print(f"  $ {extra + ' ' if extra else ''}{shlex.join(cmd)}")
@@ -374,7 +678,11 @@ def main(argv=None):
         return 0
 
     os.makedirs(out, exist_ok=True)
-    ok, why = has_gpu(args.python)
+    ok, why = (True, "") if args.rehearse else has_gpu(args.python)
+    if args.rehearse:
+        echo = [sys.executable, "-c", "import sys; print('KEY would run', *sys.argv[1:3])"]
+        for stage in chosen:
+            stage.commands = [echo + cmd for cmd in stage.commands]
     if not ok:
         message = (f"gpu-check: no CUDA GPU here ({why}). It must run on a GPU machine; "
                    "`python3 scripts/gpu_check.py --dry-run` shows what it would run.")
@@ -384,26 +692,34 @@ def main(argv=None):
         return 2
 
     started = time.monotonic()
-    deadline = started + args.budget
-    shutil.rmtree(bench_dir, ignore_errors=True)
+    shutil.rmtree(work.root, ignore_errors=True)
+    os.makedirs(work.bench)
     for name in FILES:
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
+    if any(s.carried for s in chosen):
+        install_carried_build()
+    if any(s.lane == "triton" for s in chosen):
+        make_snapshot(work.tree, exclude=[out])
     info = machine_info(args.python)
     print(f"gpu-check: {info}; {len(chosen)} stages, budget {args.budget} s -> {out}",
           flush=True)
-    with open(os.path.join(out, "gpu-check.log"), "w") as driver_log:
-        driver_log.write(f"{info}\n")
-        for stage in chosen:
-            print(f"== {stage.name} (cap {stage.cap} s)", flush=True)
-            run_stage(stage, out, deadline, driver_log)
-            print(f"   {stage.status} in {stage.seconds:.0f} s"
-                  + (f": {stage.key[0]}" if stage.key else ""), flush=True)
-    pack_bench(out, bench_dir)
+
+    def on_done(stage):
+        if stage.name == "build" and stage.status == "passed" and not stage.carried:
+            pack_build(out)
+
+    driver_log = DriverLog(os.path.join(out, "gpu-check.log"))
+    driver_log.write(f"{info}\n")
+    try:
+        run_all(chosen, out, work, args.budget, driver_log, on_done)
+    finally:
+        driver_log.close()
+    pack_results(out, work.bench)
     cap_files(out)
     summary = write_summary(out, chosen, info, started, args.budget)
     print("\n".join(summary))
-    return 0 if all(s.status == "passed" for s in chosen) else 1
+    return 0 if all(s.status.startswith("passed") or s.skip_why for s in chosen) else 1
 
 
 if __name__ == "__main__":
