@@ -2,12 +2,15 @@
 run names every stage's commands and files that exist, a machine without a GPU is refused at
 once, the results fit what the device tool brings back, and the smoke scripts run on CPU."""
 
+import csv
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tarfile
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -301,3 +304,179 @@ def test_a_rehearsal_runs_the_whole_check_without_a_gpu(tmp_path):
     with tarfile.open(tmp_path / "results.tar.gz") as tar:
         names = tar.getnames()
     assert "ext/SOURCES" in names and "ext/_build_info.py" in names
+
+
+def test_gpu_profile_runs_on_cpu(tmp_path):
+    B, C, D = 32, 2048, 32
+    run = _run("scripts/gpu_profile.py", "--device", "cpu", "--B", str(B), "--C", str(C),
+               "--D", str(D), "--backends", "cpu,reference", "--reps", "2", "--out",
+               str(tmp_path), timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    keys = re.findall(r"^KEY (.*)$", run.stdout, re.M)
+    assert keys[0].startswith("ceiling: float32 matmul 1024^3 ") and "GB/s" in keys[0]
+    assert [k.split(":")[0] for k in keys[1:]] == ["cpu", "cpu top", "reference",
+                                                   "reference top"], keys
+    assert "x the 3 bare GEMMs" in keys[3] and "3.0 GEMM-eq at" in keys[3]
+    with open(tmp_path / "profile.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["backend"] for r in rows} == {"ceiling", "cpu", "reference"}
+    assert os.listdir(tmp_path) == ["profile.csv"]
+    # The reference's GEMMs (f W^T, G W, G^T f, and the B-length target dots) from the shapes.
+    gemm = next(r for r in rows if r["backend"] == "reference" and r["kernel"] == "library GEMM")
+    assert abs(float(gemm["model_flops"]) / (6 * B * C * D) - 1) < 0.01
+    assert gemm["limiter"] in ("compute", "latency") and float(gemm["tflops"]) > 0
+    ncu = _run("scripts/gpu_profile.py", "--device", "cpu", "--ncu", "--C", "256",
+               "--backends", "reference", timeout=120)
+    assert ncu.returncode == 0 and "regex:'nvjet|gemm|" in ncu.stdout, ncu.stdout + ncu.stderr
+    assert "KEY" not in ncu.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_profile_without_a_gpu_stops_at_once():
+    run = _run("scripts/gpu_profile.py")
+    assert run.returncode == 2 and "no CUDA GPU" in run.stdout, run.stdout + run.stderr
+
+
+def test_gpu_profile_models_and_profiler_events():
+    prof = _script("gpu_profile")
+    # Kernel names as the profiler reports them on an H200 (demangled), grouped by the table.
+    for name, group in [
+            ("_softmax_fwd_kernel", "_softmax_fwd_kernel"),
+            ("_row_norm_kernel", "_row_norm_kernel"),
+            ("void normface::chunked::cuda::(anonymous namespace)::row_norms_kernel<__nv_bfloat16"
+             ", float>(__nv_bfloat16 const*, long, long, float, float*, float*)",
+             "row_norms_kernel"),
+            ("void normface::chunked::cuda::(anonymous namespace)::softmax_backward_kernel<"
+             "__nv_bfloat16>(normface::chunked::cuda::RowArgs, ...)", "softmax_backward_kernel"),
+            ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", "library GEMM"),
+            ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1",
+             "library GEMM"),
+            ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn"
+             "_align8>(cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8::"
+             "Params)", "library GEMM"),
+            ("void cublasLt::splitKreduce_kernel<32, 16, int, float, float>(...)",
+             "library GEMM"),
+            ("aten::mm", "library GEMM"),
+            ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float"
+             ">, std::array<char*, 3ul> >(int, at::native::CUDAFunctor_add<float>, ...)",
+             "vectorized_elementwise_kernel"),
+            ("Memcpy DtoD (Device -> Device)", "Memcpy DtoD (Device -> Device)"),
+            ("aten::mul", "aten::mul")]:
+        assert prof.classify(name) == group, name
+    assert prof.limiter(None, None, 5.0) == "latency" == prof.limiter(30.0, 10.0, 19.0)
+    assert prof.limiter(90.0, 10.0, 12.0) == "compute"  # short, but near a ceiling
+    assert prof.limiter(80.0, 10.0, 500.0) == "compute"
+    assert prof.limiter(5.0, 60.0, 500.0) == "memory" == prof.limiter(None, 60.0, 500.0)
+    assert prof.limiter(None, None, 500.0) == ""
+
+    # docs/kernels.md at B = 1024, C = 2^20, D = 512, bf16, 17 class splits (H200).
+    B, C, D = 1024, 2 ** 20, 512
+    p = prof.problem(B, C, D, torch.bfloat16, torch.device("cuda"), splits=17)
+    assert (p.e, p.ep) == (2, 2)
+    assert prof.problem(B, C, D, torch.bfloat16, torch.device("cpu")).ep == 4
+    items = [("_softmax_fwd_kernel", 4000.0), ("_grad_weight_kernel", 4000.0),
+             ("_row_norm_kernel", 300.0), ("_row_norm_kernel", 5.0), ("nvjet_x", 10.0)]
+    ceiling = SimpleNamespace(tflops=800.0, gbs=4000.0)
+    rows = {r["kernel"]: r for r in prof.kernel_rows("triton", items, p, [], ceiling)}
+    fwd, gw, norm = rows["_softmax_fwd_kernel"], rows["_grad_weight_kernel"], rows[
+        "_row_norm_kernel"]
+    assert fwd["model_flops"] == 4 * B * C * D
+    assert fwd["model_bytes"] == (C + B) * D * 2 + 17 * B * D * 4  # W, f; U partials 35 MB
+    assert fwd["tflops"] == pytest.approx(4 * B * C * D / 4e-3 / 1e12)
+    assert fwd["pct_matmul_ceiling"] == pytest.approx(fwd["tflops"] / 8)
+    assert fwd["limiter"] == "compute" and fwd["share"] == pytest.approx(4000 / 8315)
+    assert gw["model_flops"] == pytest.approx(2.03 * 2 * B * C * D)
+    assert gw["model_bytes"] == 2 * C * D * 2
+    assert (norm["calls"], norm["model_bytes"], norm["limiter"]) == (2, (B + C) * D * 2, "memory")
+    assert norm["gbs"] == pytest.approx((B + C) * D * 2 / 305e-6 / 1e9)
+    assert rows["library GEMM"]["model_flops"] is None  # no aten::mm events given
+    assert rows["library GEMM"]["limiter"] == "latency"  # 10 us, no model
+    unknown = prof.problem(B, C, D, torch.bfloat16, torch.device("cuda"))
+    assert prof.MODELS["_softmax_fwd_kernel"][1](unknown) == (C + B) * D * 2
+    assert not prof.MODELS["_softmax_merge_kernel"][1](unknown)
+    assert prof.MODELS["softmax_backward_kernel"][1](p) == B * C * 6
+    assert prof.MODELS["finish_rows_kernel"][1](p) == (C + B) * D * 8
+    assert prof.STEP_MODELS["cuda"][1](p) == C * D * 22  # C D (7e + 8)
+
+    # GEMM flops from recorded shapes (mm.out, addmm_, bmm), and from a real CPU profile.
+    assert prof.mm_flops("aten::mm", [[1024, 512], [512, 6400], [], [1024, 6400]]) == \
+        2 * 1024 * 512 * 6400
+    assert prof.mm_flops("aten::addmm_", [[1024, 512], [1024, 6400], [6400, 512], [], []]) == \
+        2 * 1024 * 6400 * 512
+    assert prof.mm_flops("aten::bmm", [[8, 1, 64], [8, 64, 1]]) == 2 * 8 * 64
+    assert prof.mm_flops("aten::mm", [[3, 4]]) == prof.mm_flops("aten::mm", [[3, 4], [5, 6]]) == 0
+    a, b = torch.randn(32, 48), torch.randn(48, 16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as recorded:
+        torch.matmul(a, b)
+        torch.nn.functional.linear(a, b.t(), torch.zeros(16))
+    events = list(recorded.events())
+    assert prof.gemm_flops(events) == 2 * 2 * 32 * 48 * 16
+    assert {name for name, _ in prof.profile_items(events, on_gpu=False)} >= {"aten::matmul"}
+    assert prof.profile_items(events, on_gpu=True) == []
+
+    # Device events as torch's profiler builds them (any torch >= 2.11), and older attributes.
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+    kernel = FunctionEvent(id=1, name="_grad_weight_kernel", thread=0, start_us=10, end_us=260,
+                           use_device="cuda", device_type=DeviceType.CUDA)
+    no_device = FunctionEvent(id=2, name="nvjet_x", thread=0, start_us=0, end_us=7,
+                              device_type=DeviceType.CUDA)
+    host = FunctionEvent(id=3, name="aten::mm", thread=0, start_us=0, end_us=300)
+    assert prof.profile_items([kernel, no_device, host], on_gpu=True) == [
+        ("_grad_weight_kernel", 250.0), ("nvjet_x", 7.0)]
+    assert prof.event_us(SimpleNamespace(cuda_time_total=42)) == 42.0
+
+
+def test_gpu_profile_report_of_an_h200_like_step(capsys):
+    """The GPU report from a made-up profile (kernel names and counts as on an H200)."""
+    from torch.autograd.profiler_util import FunctionEvent
+    prof = _script("gpu_profile")
+    prof.triton_splits = lambda *args: 17
+    B, C, D, n = 1024, 2 ** 20, 512, 8192  # 128 chunks of 8192 classes
+    args = SimpleNamespace(B=B, C=C, D=D, dtype=torch.bfloat16, reps=5)
+    cuda, ceiling = torch.device("cuda"), SimpleNamespace(tflops=800.0, gbs=4000.0)
+    elementwise = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>"
+    triton = [("_row_norm_kernel", 300.0), ("_row_norm_kernel", 3.0), ("_target_cos_kernel", 4.0),
+              ("_softmax_fwd_kernel", 5000.0), ("_softmax_merge_kernel", 30.0),
+              ("_row_grad_kernel", 8.0), ("_grad_weight_kernel", 5500.0)]
+    triton += [(elementwise, 2.0)] * 50
+    rows = prof.report(args, "triton", cuda, ceiling, [], triton, 12.0, 8.0)
+    out = capsys.readouterr().out
+    assert re.findall(r"^KEY (.*)$", out, re.M) == [
+        "triton: step 12.000 ms = 1.50x the 3 bare GEMMs (8.000 ms, 412 TFLOP/s); 4.03 GEMM-eq at "
+        "369 TFLOP/s (46.2% of matmul)",
+        "triton top: _grad_weight_kernel 50.3% 406 TFLOP/s (50.7%) compute; _softmax_fwd_kernel "
+        "45.7% 440 TFLOP/s (55.0%) compute; _row_norm_kernel 2.8% 3547 GB/s (88.7%) memory"]
+    assert [r["kernel"] for r in rows][-2:] == ["(step)", "(3 bare GEMMs)"]
+    assert "vectorized_elementwise_kernel" in out and "model 4.37 GB per step" in out
+
+    chunked, mm = [], []
+    for j in range(C // n):
+        chunked += [("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", 12.0)] * 4 + [
+            ("void normface::chunked::cuda::(anonymous namespace)::softmax_forward_kernel<"
+             "__nv_bfloat16>(...)", 8.0),
+            ("void normface::chunked::cuda::(anonymous namespace)::softmax_backward_kernel<"
+             "__nv_bfloat16>(...)", 10.0),
+            ("void normface::chunked::cuda::(anonymous namespace)::finish_rows_kernel<"
+             "__nv_bfloat16, float, float>(...)", 30.0), (elementwise, 2.0)]
+        mm += [FunctionEvent(id=j, name="aten::mm", thread=0, start_us=j, end_us=j + 1,
+                             input_shapes=shapes)
+               for shapes in ([[B, D], [D, n], [], [B, n]], [[B, D], [D, n], [], [B, n]],
+                              [[B, n], [n, D], [], [B, D]], [[n, B], [B, D], [], [n, D]])]
+    nested = FunctionEvent(id=-1, name="aten::mm", thread=0, start_us=0, end_us=1,
+                           input_shapes=[[B, D], [D, n]])
+    nested.set_cpu_parent(mm[0])
+    rows = prof.report(args, "cuda", cuda, ceiling, mm + [nested], chunked, 20.0, 8.0)
+    out = capsys.readouterr().out
+    gemm = next(r for r in rows if r["kernel"] == "library GEMM")
+    assert gemm["calls"] == 512 and gemm["model_flops"] == 4 * 2 * B * C * D
+    assert "library GEMM flops (recorded shapes): 4.00 GEMM-eq" in out and "L2" in out
+    keys = re.findall(r"^KEY (.*)$", out, re.M)
+    assert keys[0].startswith("cuda: step 20.000 ms = 2.50x the 3 bare GEMMs") and \
+        "; 4.0 GEMM-eq at 220 TFLOP/s" in keys[0]
+    # 12 us GEMMs near the matmul ceiling are compute-bound, not "latency"; the epilogues'
+    # modelled bytes may be L2 traffic (> 100% of the copy).
+    assert keys[1] == ("cuda top: library GEMM 49.0% 716 TFLOP/s (89.5%) compute; "
+                       "finish_rows_kernel 30.6% 1120 GB/s (28.0%) memory; "
+                       "softmax_backward_kernel 10.2% 5033 GB/s (126%) memory")
