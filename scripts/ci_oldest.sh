@@ -7,7 +7,8 @@
 # build is CPU-only (NORMFACE_NO_CUDA=1: the CUDA kernels compile in the main job). Then:
 #   - the tests that tell whether this torch/triton pair works: the Triton ops registered without
 #     the interpreter (schemas from annotations), the interpreted Triton kernels, opcheck and
-#     torch.compile of every op, the CPU kernels against the reference, the AOT check's own tests;
+#     torch.compile of every op, the CPU kernels against the reference, the AOT check's own tests,
+#     the GPU check's plumbing and profile script, the benchmark (both run there on this torch);
 #   - the AOT compile check with triton 3.6's compiler for sm_90.
 # Incremental like scripts/setup.sh: a second run with nothing changed skips pip and the build.
 set -euo pipefail
@@ -21,7 +22,7 @@ OLDEST_TESTS="${OLDEST_TESTS:-python_tests/test_triton_registration.py \
 python_tests/test_triton.py python_tests/test_ops_registration.py \
 python_tests/test_cuda_registration.py python_tests/test_cosine_softmax.py \
 python_tests/test_agent_losses.py python_tests/test_bad_input.py python_tests/test_module.py \
-python_tests/test_aot_check.py}"
+python_tests/test_aot_check.py python_tests/test_gpu_check.py python_tests/test_bench.py}"
 
 echo "== oldest supported versions: copying the checkout to $TREE"
 mkdir -p "$TREE"
