@@ -4,9 +4,10 @@
     python -m normface_kernels.bench --quick      # about a minute on a 2-core CPU, with targets
     python -m normface_kernels.bench --targets-only
 
-Modules: grid (ops, cases, grids, targets) · runners (backends and peers) · measure (time and
-extra peak memory) · memworker (CPU memory in a separate process) · suite (the run) ·
-report (ratios, targets, stdout/CSV/markdown) · plot (PNG).
+Modules: grid (ops, cases, grids, targets) · runners (backends and peers) · check (each timed
+backend against the reference) · measure (time and extra peak memory) · memworker (CPU memory in
+a separate process) · suite (the run) · report (ratios, targets, checks, stdout/CSV/markdown) ·
+plot (PNG).
 """
 
 from .suite import Config, run  # noqa: F401

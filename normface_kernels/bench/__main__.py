@@ -48,6 +48,8 @@ def parse_args(argv=None):
                          help="add the CPU targets to any grid")
     targets.add_argument("--no-targets", dest="targets", action="store_false")
     p.add_argument("--no-memory", action="store_true", help="time only")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the check of every timed backend against the reference")
     compile_ = p.add_mutually_exclusive_group()
     compile_.add_argument("--compile", dest="compile", action="store_const", const="on",
                           default="auto", help="torch.compile of the reference at every size")
@@ -76,7 +78,8 @@ def config_from_args(args):
         0.3 if mode == "smoke" else 1.0 if mode in ("quick", "targets") else 1.5)
     return Config(mode=mode, device=args.device, backends=args.backends, ops=args.ops,
                   passes=args.passes, Bs=args.B, Ds=args.D, Cs=args.C, dtypes=args.dtypes,
-                  targets=args.targets, memory=not args.no_memory, compile=args.compile,
+                  targets=args.targets, memory=not args.no_memory, check=not args.no_check,
+                  compile=args.compile,
                   compile_max_c=args.compile_max_c, cpu_budget_s=budget,
                   min_reps=1 if mode == "smoke" else args.min_reps,
                   progress=not args.no_progress)

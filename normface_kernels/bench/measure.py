@@ -47,15 +47,18 @@ def summarize(times_ms):
             len(values))
 
 
-def cpu_time_interleaved(steps, budget_s=1.5, min_reps=3, max_reps=25):
+def cpu_time_interleaved(steps, budget_s=1.5, min_reps=3, max_reps=25, warm_s=None):
     """Time several backends' (setup, timed) steps in rounds, one repetition of each per round.
 
-    steps: {name: (setup, timed)}. One untimed warm-up each; then enough rounds to spend about
-    `budget_s` (at least min_reps, at most max_reps). Returns {name: [ms, ...]} and, for those
-    that raised, {name: exception}.
+    steps: {name: (setup, timed)}. One untimed warm-up each, unless warm_s ({name: seconds})
+    gives the time of one the caller just ran; then enough rounds to spend about `budget_s` (at
+    least min_reps, at most max_reps). Returns {name: [ms, ...]} and, for those that raised,
+    {name: exception}.
     """
-    warm, errors = {}, {}
+    warm, errors = dict(warm_s or {}), {}
     for name, (setup, timed) in steps.items():
+        if name in warm:
+            continue
         try:
             state = setup()
             t0 = time.perf_counter()

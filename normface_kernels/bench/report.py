@@ -22,7 +22,7 @@ import textwrap
 
 import torch
 
-from . import grid
+from . import check, grid
 
 OURS_FAST = ("cpu", "triton", "cuda")
 # What the columns of the table mean: printed under it on stdout and in the markdown.
@@ -34,11 +34,20 @@ LEGEND = (
     ("x gemm", "median ms / that of gemm_floor, the three bare matmuls of the same shapes"),
     ("extra MiB", "peak memory during the pass minus what was held before it"),
     ("mem x best", "extra MiB / that of the same `best` backend as for x best"),
+    ("check", "one forward+backward before the timing against the eager reference on the same "
+              "inputs, upcast to float32 (float64 stays float64): the loss's relative error and "
+              "the larger normwise relative error of the gradients w.r.t. features and weight "
+              "(\"loss only\" for peers whose leaves are other tensors: pre-normalized copies, "
+              "pml's own W; n/a for gemm_floor). MISMATCH names what exceeds the tolerance, "
+              "loss / grad: " + "; ".join(
+                  f"{str(dtype).replace('torch.', '')} {t.loss:g} / {t.grad:g}"
+                  for dtype, t in check.TOLERANCES.items())
+              + f"; float32 with TF32 on CUDA {check.TF32.loss:g} / {check.TF32.grad:g}"),
 )
 CSV_COLUMNS = ("date", "device", "device_name", "torch", "triton", "op", "backend", "kind", "B",
                "D", "C", "dtype", "pass", "median_ms", "p20_ms", "p80_ms", "reps", "peak_mem_mb",
-               "time_vs_best", "time_vs_gemm_floor", "mem_vs_best", "best", "status", "tag",
-               "note")
+               "time_vs_best", "time_vs_gemm_floor", "mem_vs_best", "best", "check", "status",
+               "tag", "note")
 
 
 @dataclasses.dataclass
@@ -65,6 +74,7 @@ class Row:
     time_vs_gemm_floor: float = None
     mem_vs_best: float = None
     best: str = ""
+    check: str = ""
     status: str = ""
     tag: str = ""
     note: str = ""
@@ -261,6 +271,25 @@ class Report:
             lines.append(f"  [{verdict}] {label}: {shown} (target {limit}); {detail}")
         return lines
 
+    # -- the correctness check -------------------------------------------------------------
+
+    def check_lines(self):
+        """The [CHECK] summary: the rows that disagree with the reference, or that all checked
+        rows agree; then the rows whose check could not run. Empty when nothing was checked."""
+        checked = [r for r in self.rows if r.check.startswith(("ok", check.MISMATCH))]
+        bad = [r for r in checked if r.check.startswith(check.MISMATCH)]
+        failed = [r for r in self.rows if r.check.startswith(("error", "not checked"))]
+        lines = []
+        if bad:
+            lines.append(f"[CHECK] {len(bad)} rows disagree with the reference: "
+                         + _cases(bad, lambda r: r.check[len(check.MISMATCH):].strip()))
+        elif checked:
+            lines.append(f"[CHECK] all {len(checked)} checked rows agree with the reference")
+        if failed:
+            lines.append(f"[CHECK] {len(failed)} rows could not be checked: "
+                         + _cases(failed, lambda r: r.check))
+        return lines
+
     # -- writers ---------------------------------------------------------------------------
 
     def _sorted(self):
@@ -281,7 +310,7 @@ class Report:
 
     def table(self, markdown=False):
         head = ["op", "B", "D", "C", "dtype", "pass", "backend", "median ms", "p20-p80 ms",
-                "x best", "x gemm", "extra MiB", "mem x best", "status"]
+                "x best", "x gemm", "extra MiB", "mem x best", "check", "status"]
         body, previous = [], None
         constant = self._constant_notes()
         for row in self._sorted():
@@ -296,7 +325,8 @@ class Report:
                                                      f"{row.C:,}", row.dtype, row.pass_name)]
                         + [row.backend, _fmt(row.median_ms), spread,
                            _fmt(row.time_vs_best, 2, "x"), _fmt(row.time_vs_gemm_floor, 2, "x"),
-                           _fmt(row.peak_mem_mb, 1), _fmt(row.mem_vs_best, 2, "x"), status])
+                           _fmt(row.peak_mem_mb, 1), _fmt(row.mem_vs_best, 2, "x"), row.check,
+                           status])
         if markdown:
             lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(cell.replace("|", "/") for cell in r) + " |"
@@ -324,6 +354,7 @@ class Report:
         if self.notes:
             out += list(self.notes) + [""]
         out += self.targets_text()
+        out += self.check_lines()
         return "\n".join(out)
 
     def write(self, out_dir, stem=None):
@@ -359,6 +390,9 @@ class Report:
         targets = self.targets_text()
         if targets:
             out += ["## Targets", "", "```"] + targets + ["```", ""]
+        checks = self.check_lines()
+        if checks:
+            out += ["## Check", "", "```"] + checks + ["```", ""]
         if self.skipped:
             out += ["## Not run", ""] + [f"- {line}" for line in self.skipped_lines()] + [""]
         if self.notes:
@@ -381,6 +415,15 @@ def _busy():
         return max(os.getloadavg()[:2]) > (os.cpu_count() or 1) + 0.5
     except OSError:
         return False
+
+
+def _cases(rows, detail):
+    """"backend@op B= D= C= dtype (detail)" for each distinct (backend, case) of `rows`, in
+    order: a case's passes share one check."""
+    seen = {}
+    for r in rows:
+        seen.setdefault(f"{r.backend}@{r.op} B={r.B} D={r.D} C={r.C} {r.dtype}", detail(r))
+    return "; ".join(f"{label} ({what})" for label, what in seen.items())
 
 
 def _ratio(a, b):

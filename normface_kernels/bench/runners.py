@@ -49,6 +49,7 @@ class Runner:
     grad_output: torch.Tensor = None  # None: the forward returns a scalar loss
     note: str = ""
     setup_seconds: float = 0.0        # e.g. torch.compile's first call
+    first_pass_s: float = None        # seconds of its first forward+backward (check.first_pass)
 
     def zero_grad(self):
         for leaf in self.leaves:

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from . import grid, measure, runners
+from . import check, grid, measure, runners
 from .report import Report, Row, environment
 
 SKIP_COMPILE_CPU = ("skipped in --targets-only / --smoke on CPU: inductor compiles C++ for every "
@@ -33,6 +33,7 @@ class Config:
     dtypes: tuple = ()
     targets: bool = None              # None: with --quick / full on CPU
     memory: bool = True
+    check: bool = True                # compare every timed backend with the reference first
     compile: str = "auto"             # auto | on | off (torch.compile of the reference)
     compile_max_c: int = 8192         # CPU, full grid: torch.compile only up to this C
     cpu_budget_s: float = 1.5         # CPU: seconds of repetitions per (case, pass), all backends
@@ -216,27 +217,74 @@ class Suite:
         self.env.seconds = time.time() - started
         return Report(self.env, list(self.rows.values()), self.skipped, self.notes, self.label)
 
-    def _runners(self, case, plan):
+    def _runners(self, case, plan, checked=False):
+        """The case's inputs and a Runner for each backend of `plan`, each run once before any
+        timing (torch.compile compiles then; with `checked`, every run is compared with the
+        reference, see check.py, and the verdict goes into the rows' `check`)."""
         inputs = runners.Inputs.make(case, self.device)
+        want = self._expected(case, inputs) if checked else None
         made = {}
         for name in plan:
             try:
                 runner = runners.make_runner(name, case.op, inputs)
-                if name == "torch_compile":
-                    t0 = time.perf_counter()
-                    setup, timed = runners.pass_steps(runner, "fwd_bwd")
-                    timed(setup())
-                    runner.zero_grad()
-                    runner.setup_seconds = time.perf_counter() - t0
-                    runner.note = f"first call (compile) {runner.setup_seconds:.1f} s"
-                made[name] = runner
+                verdict = self._first_pass(runner, inputs, want)
             except Exception as error:  # noqa: BLE001 - a peer failing is a result, not a crash
+                self._free()
                 for pass_name in case.passes:
                     self._row(case, name, pass_name, status=_error(error))
+                continue
+            made[name] = runner
+            for pass_name in case.passes:
+                self._row(case, name, pass_name, check=verdict)
+        del want        # the expected gradients: (C, D) floats, gigabytes on a GPU case
+        self._free()
         return inputs, made
 
+    def _expected(self, case, inputs):
+        """check.expected for the case, within the memory the backends may use; the error's
+        text instead when even that fails."""
+        budget = self.config.memory_headroom * _free_bytes(self.device)
+        try:
+            return check.expected(case.op, inputs, budget)
+        except Exception as error:  # noqa: BLE001 - the rows say it; the timing goes on
+            self._free()
+            return "not checked: reference " + _error(error)
+
+    def _first_pass(self, runner, inputs, want):
+        """One forward+backward of `runner` before its timing, compared with `want` when that is
+        a check.Expected; returns the `check` text. An error there is the check's, but for
+        torch.compile, whose first call is its compile: that error is raised (nothing to time)."""
+        compiling = runner.name == "torch_compile"
+        checked = isinstance(want, check.Expected)
+        try:
+            if checked:
+                verdict = check.check_runner(runner, inputs, want)
+            elif compiling:
+                check.first_pass(runner)
+                runner.zero_grad()
+        except Exception as error:  # noqa: BLE001
+            if compiling:
+                raise
+            self._free()
+            return _error(error)
+        if compiling:
+            runner.setup_seconds = runner.first_pass_s
+            runner.note = f"first call (compile) {runner.setup_seconds:.1f} s"
+        if checked:
+            return verdict
+        if want is None:
+            return ""
+        return want if check.compares(runner, inputs) else check.NOT_APPLICABLE
+
+    def _free(self):
+        """Give the memory of what was just dropped back to the GPU. On CPU reference counting
+        frees it at once, and a gc.collect would cost ~0.2 s (torch's many objects)."""
+        if self.device == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+
     def _time_case(self, case, plan, progress):
-        inputs, made = self._runners(case, plan)
+        inputs, made = self._runners(case, plan, checked=self.config.check)
         for pass_name in case.passes:
             steps = {name: runners.pass_steps(r, pass_name) for name, r in made.items()}
             label = f"{case.op} C={case.C} {pass_name}"
@@ -244,7 +292,7 @@ class Suite:
                 times, errors = measure.cpu_time_interleaved(
                     steps, budget_s=self.config.cpu_budget_s * (2 if case.tag else 1),
                     min_reps=max(self.config.min_reps, 5 if case.tag else 0),
-                    max_reps=self.config.max_reps)
+                    max_reps=self.config.max_reps, warm_s=_warmed(made, pass_name))
                 for name, error in errors.items():
                     self._row(case, name, pass_name, status=_error(error), note=made[name].note)
                 for name, values in times.items():
@@ -310,6 +358,16 @@ class Suite:
             self.env.cpu_memory_method = method
 
         memworker.run_jobs(jobs, on_result, on_method)
+
+
+def _warmed(made, pass_name):
+    """{backend: seconds} of the first forward+backward each runner made (the check's): the
+    warm-up of the full pass, which the CPU timing then need not repeat. Not torch.compile's,
+    whose first call was its compile."""
+    if pass_name != "fwd_bwd":
+        return {}
+    return {name: r.first_pass_s for name, r in made.items()
+            if r.first_pass_s is not None and name != "torch_compile"}
 
 
 def _error(error):
