@@ -197,6 +197,11 @@ def environment(device):
 # Report
 # ---------------------------------------------------------------------------------------------
 
+def _rows(n, one="", many=""):
+    """'1 row disagrees', '3 rows disagree'."""
+    return f"{n} row {one}".strip() if n == 1 else f"{n} rows {many}".strip()
+
+
 class Report:
     def __init__(self, env, rows, skipped, notes, mode):
         self.env, self.rows, self.skipped, self.notes, self.mode = env, rows, skipped, notes, mode
@@ -208,12 +213,15 @@ class Report:
             cases.setdefault(row.case_key, []).append(row)
         for rows in cases.values():
             by_name = {r.backend: r for r in rows}
-            timed = [r for r in rows if r.median_ms and r.backend in OURS_FAST]
+            # A row that disagrees with the reference is no one's baseline.
+            timed = [r for r in rows if r.median_ms and r.backend in OURS_FAST
+                     and not r.check.startswith(check.MISMATCH)]
             if not timed and by_name.get("reference") and by_name["reference"].median_ms:
                 timed = [by_name["reference"]]
             best = min(timed, key=lambda r: r.median_ms) if timed else None
             if best is None:   # memory-only cases: the smallest of ours
-                held = [r for r in rows if r.peak_mem_mb is not None and r.backend in OURS_FAST]
+                held = [r for r in rows if r.peak_mem_mb is not None and r.backend in OURS_FAST
+                        and not r.check.startswith(check.MISMATCH)]
                 best = min(held, key=lambda r: r.peak_mem_mb) if held else None
             floor = by_name.get("gemm_floor")
             for row in rows:
@@ -258,6 +266,9 @@ class Report:
                 continue
             ok = ratio <= limit if op == "<=" else ratio < limit
             detail = f"cpu {a:.4g} {unit} vs reference {b:.4g} {unit}"
+            wrong = [r.backend for r in (cpu, ref) if r.check.startswith(check.MISMATCH)]
+            if wrong:  # a fast wrong answer passes nothing
+                ok, detail = False, detail + f"; {', '.join(wrong)} disagrees with the reference"
             out.append((label, ratio, f"{op} {limit:g}", "PASS" if ok else "FAIL", detail))
         return out
 
@@ -281,12 +292,12 @@ class Report:
         failed = [r for r in self.rows if r.check.startswith(("error", "not checked"))]
         lines = []
         if bad:
-            lines.append(f"[CHECK] {len(bad)} rows disagree with the reference: "
+            lines.append(f"[CHECK] {_rows(len(bad), 'disagrees', 'disagree')} with the reference: "
                          + _cases(bad, lambda r: r.check[len(check.MISMATCH):].strip()))
         elif checked:
             lines.append(f"[CHECK] all {len(checked)} checked rows agree with the reference")
         if failed:
-            lines.append(f"[CHECK] {len(failed)} rows could not be checked: "
+            lines.append(f"[CHECK] {_rows(len(failed))} could not be checked: "
                          + _cases(failed, lambda r: r.check))
         return lines
 
