@@ -284,3 +284,18 @@ def test_verdict_and_tolerances():
     assert (check.tolerance(torch.float64, "cpu").grad < tol.grad
             < check.tolerance(torch.bfloat16, "cuda").grad)
     assert check.tolerance(torch.float32, "cpu") == tol
+
+
+def test_partial_results_are_written_after_each_case(tmp_path):
+    """A run stopped early keeps what it measured: after each case the caller gets the report so
+    far (the command line writes its CSV and markdown, the plots at the end)."""
+    seen = []
+
+    def on_case(report):
+        seen.append(sorted({r.C for r in report.rows}))
+        report.write(str(tmp_path), "partial", plots=False)
+    run(Config(mode="smoke", device="cpu", Bs=(16,), Ds=(8,), Cs=(256, 128), passes=("fwd",),
+               ops=("normface",), backends=("reference",), memory=False, cpu_budget_s=0.02,
+               min_reps=1, max_reps=2, progress=False), on_case=on_case)
+    assert seen == [[256], [128, 256]]      # in the order given
+    assert sorted(os.listdir(tmp_path)) == ["partial.csv", "partial.md"]

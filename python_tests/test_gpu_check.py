@@ -44,7 +44,7 @@ def test_dry_run_prints_every_stage_and_its_commands(tmp_path):
                    "python_tests/test_cuda_backend.py", "python_tests/test_triton.py",
                    "compute-sanitizer", "--tool memcheck", "--tool racecheck",
                    "scripts/gpu_smoke_graph.py", "scripts/gpu_smoke_nccl.py",
-                   "--C 16384", "--C 131072", "--C 1048576", "gemm_floor", "torch_compile",
+                   "--C 1048576,131072,16384", "gemm_floor", "torch_compile",
                    "liger_flce,cce", "scripts/gpu_profile.py", "--clock-control none",
                    "NORMFACE_NO_CUDA=1"):
         assert needle in run.stdout, needle

@@ -90,7 +90,12 @@ def main(argv=None):
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)   # the memory worker inherits it
-    report = run(config_from_args(args))
+    def partial(report):
+        # After each case: the CSV and markdown of what is measured so far, so that a run
+        # stopped early (a time limit, Ctrl-C) keeps it. The plots come at the end.
+        report.write(args.out, args.name, plots=False)
+
+    report = run(config_from_args(args), on_case=None if args.no_write else partial)
     print(report.text())
     if not args.no_write:
         paths = report.write(args.out, args.name)

@@ -368,11 +368,15 @@ class Report:
         out += self.check_lines()
         return "\n".join(out)
 
-    def write(self, out_dir, stem=None):
-        """Write STEM.csv, STEM.md and STEM.png (when matplotlib is there); returns the paths."""
+    def stem(self):
+        """The default file stem: DEVICE-MODE-DATE."""
+        return f"{self.env.device}-{self.mode or 'custom'}-{self.env.date[:10]}"
+
+    def write(self, out_dir, stem=None, plots=True):
+        """Write STEM.csv, STEM.md and STEM.png (when matplotlib is there and `plots`); returns
+        the paths."""
         os.makedirs(out_dir, exist_ok=True)
-        if stem is None:
-            stem = f"{self.env.device}-{self.mode or 'custom'}-{self.env.date[:10]}"
+        stem = stem or self.stem()
         paths = [os.path.join(out_dir, stem + ".csv")]
         with open(paths[0], "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
@@ -380,7 +384,7 @@ class Report:
             for row in self._sorted():
                 writer.writerow(row.as_csv())
         from . import plot
-        pngs = plot.write_plots(self, out_dir, stem)
+        pngs = plot.write_plots(self, out_dir, stem) if plots else []
         md = os.path.join(out_dir, stem + ".md")
         with open(md, "w") as handle:
             handle.write(self.markdown([os.path.basename(p) for p in pngs]))

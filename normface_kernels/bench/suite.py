@@ -186,7 +186,10 @@ class Suite:
 
     # -- the run ---------------------------------------------------------------------------
 
-    def run(self):
+    def _report(self):
+        return Report(self.env, list(self.rows.values()), self.skipped, self.notes, self.label)
+
+    def run(self, on_case=None):
         plans = [(case,) + self._plan(case) for case in self.cases]
         if self.compile_skips:
             self.notes.append(f"torch_compile: {SKIP_COMPILE_QUICK}")
@@ -207,6 +210,8 @@ class Suite:
                     self._gpu_memory_only(case, plan, progress)
                 if self.device == "cpu" and case.memory and self.config.memory:
                     memory_jobs += [(case, name) for name in plan]
+                if on_case is not None:
+                    on_case(self._report())
             self.env.phases["time"] = time.time() - started
             if memory_jobs:
                 t0 = time.time()
@@ -215,7 +220,7 @@ class Suite:
         finally:
             progress.close()
         self.env.seconds = time.time() - started
-        return Report(self.env, list(self.rows.values()), self.skipped, self.notes, self.label)
+        return self._report()
 
     def _runners(self, case, plan, checked=False):
         """The case's inputs and a Runner for each backend of `plan`, each run once before any
@@ -379,7 +384,8 @@ def _join(a, b):
     return b if not a else f"{a}; {b}"
 
 
-def run(config=None, **overrides):
-    """Run the benchmark; returns the Report (not yet written anywhere)."""
+def run(config=None, on_case=None, **overrides):
+    """Run the benchmark; returns the Report (not yet written anywhere). on_case(report), if
+    given, gets the report of the cases measured so far after each case (partial results)."""
     config = dataclasses.replace(config or Config(), **overrides)
-    return Suite(config).run()
+    return Suite(config).run(on_case)
