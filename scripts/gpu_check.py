@@ -6,11 +6,13 @@ pytest, nvcc and compute-sanitizer, as on this project's H200):
     python3 scripts/gpu_check.py out --dry-run   # every stage's commands, runs nothing
     python3 scripts/gpu_check.py out --only build,cuda-tests --budget 300
 
-Through the device tool (`make gpu-wheels` here first, once: the benchmark's peers as wheels):
-    run(command="make gpu-check DIR=$OUT", carry=[".whl"], timeout_s=600)
+Through the device tool (`make gpu-wheels` here first, once: the benchmark's peers as wheels;
+the command needs no `make` there):
+    run(command='python3 scripts/gpu_check.py "$OUT"', carry=[".whl"], timeout_s=600)
 and a rerun after fixes, without rebuilding when csrc/ did not change: unpack the first run's
 results.tar.gz here (`make gpu-unpack FROM=<files_at>`, which fills .gpu-ext/), then
-    run(command="make gpu-check DIR=$OUT GPU_CHECK_ARGS='--only ...'", carry=[".whl", ".gpu-ext"])
+    run(command='python3 scripts/gpu_check.py "$OUT" --only ... --budget 150',
+        carry=[".whl", ".gpu-ext"])
 
 Two phases inside one budget (--budget, default 540 s). The checks phase runs three lanes side
 by side (each lane's stages in order; correctness does not suffer from sharing the GPU), then the
