@@ -3,7 +3,7 @@
 #   make bench   the main job: the benchmark (quick CPU grid without a GPU, full grid with one)
 #   make test    the test suite (Triton kernels run interpreted on CPU when there is no GPU)
 # On a GPU machine (no registry needed; its python3 with torch is used, not a venv):
-#   make gpu-check DIR=out   build + GPU tests + sanitizers + bench + profile, ~9 minutes
+#   make gpu-check DIR=out   build + GPU tests + sanitizers + bench + profile, 8 minutes
 # Here, before it: `make gpu-wheels` (the benchmark's peers, carried as .whl/); after it,
 # `make gpu-unpack FROM=<folder with results.tar.gz>` (the build, for a rerun, in .gpu-ext/).
 VENV ?= .venv

@@ -200,6 +200,10 @@ def _wrong(make, name, how):
                 backward(out)
                 if how == "grad_w doubled":
                     inputs.weight.grad.mul_(2)
+                elif how == "negative classes dropped":
+                    keep = torch.zeros_like(inputs.weight.grad[:, :1])
+                    keep[inputs.labels] = 1
+                    inputs.weight.grad.mul_(keep)
                 else:
                     inputs.features.grad = None
             runner.backward = wrong_backward
@@ -213,9 +217,12 @@ def _tiny_run(**config):
                       **config))
 
 
-@pytest.mark.parametrize("how, verdict", [("grad_w doubled", "MISMATCH grad_w 1"),
-                                          ("grad_f missing", "MISMATCH grad_f 1"),
-                                          ("loss off by 1%", "MISMATCH loss 0.01")])
+@pytest.mark.parametrize("how, verdict", [
+    ("grad_w doubled", "MISMATCH grad_w 1 grad_w_neg 1"),
+    # Here the negative classes hold 0.42 of grad_w's norm; at C = 1M only ~0.002 of it.
+    ("negative classes dropped", "MISMATCH grad_w 0.42 grad_w_neg 1"),
+    ("grad_f missing", "MISMATCH grad_f 1"),
+    ("loss off by 1%", "MISMATCH loss 0.01")])
 def test_wrong_backend_is_a_mismatch(monkeypatch, how, verdict):
     """A backend whose gradient or loss is wrong is still timed, its row says MISMATCH and what
     is off, and the summary line names it; the others stay ok."""

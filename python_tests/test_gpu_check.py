@@ -16,7 +16,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("build", "cuda-resources", "cuda-tests", "sync-graph", "nccl", "triton-tests", "peers",
+STAGES = ("build", "cuda-resources", "sync-graph", "nccl", "cuda-tests", "triton-tests", "peers",
           "memcheck", "racecheck", "bench-rows", "profile", "ncu")
 
 
@@ -56,6 +56,11 @@ def test_dry_run_selects_stages():
     assert run.returncode == 0, run.stderr
     assert "[build]" in run.stdout and "[nccl]" in run.stdout
     assert "[cuda-tests]" not in run.stdout
+    # --only brings along what a stage needs: the build (carried or not) and the peers' wheels.
+    bench = _run("scripts/gpu_check.py", "--dry-run", "--only", "bench-rows")
+    assert bench.returncode == 0, bench.stderr
+    assert [line.split("]")[0][1:] for line in bench.stdout.splitlines()
+            if line.startswith("[")] == ["build", "peers", "bench-rows"]
     bad = _run("scripts/gpu_check.py", "--dry-run", "--only", "nope")
     assert bad.returncode != 0 and "unknown stage" in bad.stderr
 
@@ -91,7 +96,7 @@ def test_results_fit_the_device_tools_limits(tmp_path):
         assert sorted(tar.getnames()) == ["bench/rows.csv", "ext/SOURCES"]
     for stage in stages:
         stage.status, stage.seconds, stage.key = "passed", 1.0, ["k"]
-    stages[2].status = "TIMED OUT (150 s)"
+    stages[4].status = "TIMED OUT (150 s)"
     lines = gpu_check.write_summary(str(tmp_path), stages, "machine", time.monotonic(), 540)
     assert len(lines) < 80
     assert "| cuda-tests | cuda | TIMED OUT (150 s) |" in (tmp_path / "summary.md").read_text()
@@ -175,6 +180,8 @@ def test_stages_pass_fail_time_out_and_respect_the_budget(tmp_path):
                                             "[sys.executable, '-c', 'import time; "
                                             "time.sleep(60)'])"]], "sanitizer.log")
     late = gpu_check.Stage("racecheck", 30, [[py, "-c", "pass"]], "sanitizer.log")
+    missing = gpu_check.Stage("ncu", 30, [["/nonexistent/ncu", "--version"]], "bench.log")
+    picky = gpu_check.Stage("profile", 30, [[py, "-c", "pass"]], "bench.log", min_seconds=60)
     with open(tmp_path / "gpu-check.log", "w") as log:
         deadline = time.monotonic() + 300
         start = time.monotonic()
@@ -182,11 +189,16 @@ def test_stages_pass_fail_time_out_and_respect_the_budget(tmp_path):
             gpu_check.run_stage(stage, str(tmp_path), deadline, log)
         assert time.monotonic() - start < 40
         gpu_check.run_stage(late, str(tmp_path), time.monotonic() + 5, log)
+        gpu_check.run_stage(missing, str(tmp_path), deadline, log)
+        gpu_check.run_stage(picky, str(tmp_path), time.monotonic() + 60, log)
     assert passing.status == "passed" and passing.key == ["all good"]
     assert failing.status == "FAILED (exit 3)"
     assert "never" not in (tmp_path / "smoke.log").read_text()
     assert slow.status.startswith("TIMED OUT")
-    assert late.status == "skipped (budget)"
+    assert late.status.startswith("skipped (budget")
+    assert missing.status == "FAILED (exit 127)"        # a missing tool fails its stage only
+    assert "cannot run /nonexistent/ncu" in (tmp_path / "bench.log").read_text()
+    assert picky.status.startswith("skipped (budget")   # under a minute left: not started
 
 
 def test_lanes_run_side_by_side_wait_for_their_stages_and_leave_time_to_measure(tmp_path):
@@ -281,8 +293,8 @@ def test_ncu_details_become_one_entry_per_launch():
              'Achieved Occupancy', '%', '12.4'),
             ('1', 'nvjet_hsh_256x128', '(384, 1, 1)', '(132, 1, 1)', 'GPU Speed Of Light',
              'DRAM Throughput', '%', '35.0')]
-    text = header + "".join(",".join(f'"{v}"' for v in (r[0], "7") + r[1:]) + "\n"
-                            for r in rows)
+    body = "".join(",".join(f'"{v}"' for v in (r[0], "7") + r[1:]) + "\n" for r in rows)
+    text = "==PROF== Disconnected\n" + header + body   # ncu's own lines may come first
     launches = gpu_check.ncu_kernels(text)
     assert launches == [
         dict(kernel="_softmax_fwd_kernel", block="(256, 1, 1)", grid="(16, 17, 1)",

@@ -1,4 +1,4 @@
-"""The whole GPU validation in one command, on a GPU machine (about 9 minutes on one H200 with 16
+"""The whole GPU validation in one command, on a GPU machine (8 minutes on one H200 with 16
 cores, the build included; the machine needs no package registry: python3 with torch, triton,
 pytest, nvcc and compute-sanitizer, as on this project's H200):
 
@@ -14,18 +14,19 @@ results.tar.gz here (`make gpu-unpack FROM=<files_at>`, which fills .gpu-ext/), 
     run(command='python3 scripts/gpu_check.py "$OUT" --only ... --budget 150',
         carry=[".whl", ".gpu-ext"])
 
-Two phases inside one budget (--budget, default 540 s). The checks phase runs three lanes side
-by side (each lane's stages in order; correctness does not suffer from sharing the GPU), then the
-measure phase runs its stages one at a time, alone on the machine, with MEASURE_SECONDS kept for
-it. Every stage has its own time cap; a failing or timed-out stage does not stop the later ones.
+Two phases inside one budget (--budget, default BUDGET = 480 s). The checks phase runs three
+lanes side by side (each lane's stages in order; correctness does not suffer from sharing the
+GPU), then the measure phase runs its stages one at a time, alone on the machine, with
+MEASURE_SECONDS kept for it. Every stage has its own time cap (and a least time it needs to be
+started); a failing or timed-out stage does not stop the later ones.
   checks / cuda lane
     build          the extension against this machine's torch (MAX_JOBS=nproc, sm_90, ptxas -v);
                    skipped when .gpu-ext/ holds a build of the same csrc/ for the same torch
     cuda-resources registers / spills / stack of every CUDA kernel (scripts/cuda_resource_check)
-    cuda-tests     python_tests/test_cuda_*.py, the shared scenarios' and the fuzz's cuda cases
     sync-graph     a training step under torch.cuda.set_sync_debug_mode("error") with the data
                    checks off, and its capture and replay in a CUDA graph (scripts/gpu_smoke_graph)
     nccl           a 1-rank NCCL ShardedNormFaceLoss step against NormFaceLoss (gpu_smoke_nccl)
+    cuda-tests     python_tests/test_cuda_*.py, the shared scenarios' and the fuzz's cuda cases
   checks / triton lane (in a copy of the tree with a CPU-only build of the extension, so that
   it need not wait for the CUDA build: the Triton tests use no CUDA C++ kernel)
     triton-tests   python_tests/test_triton*.py and the shared scenarios' triton cases, compiled
@@ -70,8 +71,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_FILE = 16 * 2 ** 20 - 2 ** 16  # the device tool brings back files up to 16 MiB
 FILES = ("summary.md", "gpu-check.log", "build.log", "cuda.log", "triton.log", "sanitizer.log",
          "bench.log", "results.tar.gz")
+# 480 s: with the machine's start (1-2 min) and its 30 s warm tail, a 15-minute device session
+# keeps the 4 minutes a second start needs, for one rerun of what failed.
+BUDGET = 480
 RESERVE = 15           # seconds kept for the summary
-MEASURE_SECONDS = 255  # kept for the measure phase (bench-rows and profile need about this)
+MEASURE_SECONDS = 240  # kept for the measure phase: bench-rows and profile (ncu if time is left)
 BENCH_CLASSES = (1_048_576, 131_072, 16_384)  # the targets' size first
 WHEELS = os.path.join(ROOT, ".whl")           # carried wheels (make gpu-wheels)
 CARRIED_EXT = os.path.join(ROOT, ".gpu-ext")  # a carried build (make gpu-unpack)
@@ -96,14 +100,20 @@ class Stage:
     what: str = ""
     lane: str = "cuda"        # checks phase: "cuda", "triton", "sanitizer"; or "measure"
     after: tuple = ()         # stages of other lanes that must have passed first
+    requires: tuple = ()      # stages --only brings along (the build, the peers' install)
+    min_seconds: int = 10     # not started with less time left
     cwd: str = ROOT
     skip_why: str = ""        # set: the stage is not run (e.g. nothing to install)
     carried: str = ""         # build: the carried extension used instead of building
+
     # filled in by run_stage
     status: str = "not run"
     seconds: float = 0.0
     key: list = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        self.requires = tuple(dict.fromkeys(self.requires + self.after))
 
 
 @dataclass
@@ -143,6 +153,8 @@ def stages(py, out, work, jobs):
              else [[py, "setup.py", "build_ext", "--inplace"]])
     wheels = sorted(glob.glob(os.path.join(WHEELS, "*.whl")))
     needs_build = ("build",)
+    # The checks' lanes run side by side on 16 cores: a few OpenMP threads per process each.
+    shared_cpu = dict(OMP_NUM_THREADS="2")
     return [
         Stage("build", 300, build, "build.log", dict(MAX_JOBS=str(jobs), TORCH_CUDA_ARCH_LIST=arch),
               f"extension for sm_{arch.replace('.', '')}, MAX_JOBS={jobs}", carried=carried),
@@ -150,6 +162,11 @@ def stages(py, out, work, jobs):
                                       os.path.join(out, "build.log")]], "build.log",
               what="no local memory in any CUDA kernel (sm_90)", after=needs_build,
               skip_why="the extension was not rebuilt (no ptxas log)" if carried else ""),
+        # The short smoke checks first: cuda-tests takes what is left of the phase.
+        Stage("sync-graph", 60, [[py, "scripts/gpu_smoke_graph.py"]], "cuda.log", shared_cpu,
+              after=needs_build),
+        Stage("nccl", 45, [[py, "scripts/gpu_smoke_nccl.py", "--device", "cuda"]], "cuda.log",
+              shared_cpu, after=needs_build),
         # The property-based fuzz's CUDA cases too (random shapes, margins, dtypes, NaN rows
         # against the float64 reference; hypothesis is on the project's GPU machine), and the
         # scenarios every backend shares (conftest's `backend` fixture).
@@ -158,42 +175,42 @@ def stages(py, out, work, jobs):
                                   + parallel(4),
                                   pytest + shared + ["-k", "cuda"] + parallel(4),
                                   pytest + ["python_tests/test_fuzz.py", "-k", "cuda"]
-                                  + parallel(4)], "cuda.log", after=needs_build),
-        Stage("sync-graph", 90, [[py, "scripts/gpu_smoke_graph.py"]], "cuda.log",
-              after=needs_build),
-        Stage("nccl", 60, [[py, "scripts/gpu_smoke_nccl.py", "--device", "cuda"]], "cuda.log",
-              after=needs_build),
+                                  + parallel(4)], "cuda.log", shared_cpu, after=needs_build),
         Stage("triton-tests", 300, [[py, "setup.py", "build_ext", "--inplace"],
                                     pytest + ["python_tests/test_triton.py",
                                               "python_tests/test_triton_registration.py"]
                                     + parallel(min(jobs // 2, 8)),
                                     pytest + shared + ["-k", "triton"]
                                     + parallel(min(jobs // 2, 8))], "triton.log",
-              dict(NORMFACE_NO_CUDA="1", MAX_JOBS=str(max(1, jobs // 2))),
+              dict(shared_cpu, NORMFACE_NO_CUDA="1", MAX_JOBS=str(max(1, jobs // 2))),
               "in a copy of the tree, CPU-only extension", lane="triton", cwd=work.tree),
         Stage("peers", 60, [[py, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                              "--no-compile", "--no-cache-dir", "--upgrade", "--target", work.site]
                             + wheels], "sanitizer.log", lane="sanitizer",
               what=", ".join(os.path.basename(w) for w in wheels),
               skip_why="" if wheels else "no wheels in .whl/ (make gpu-wheels)"),
-        Stage("memcheck", 150, [sanitizer + ["--tool", "memcheck"] + smoke_ops
+        Stage("memcheck", 120, [sanitizer + ["--tool", "memcheck"] + smoke_ops
                                 + ["--backends", "cuda,triton"]], "sanitizer.log",
-              dict(PYTORCH_NO_CUDA_MEMORY_CACHING="1"), lane="sanitizer", after=needs_build),
-        Stage("racecheck", 120, [sanitizer + ["--tool", "racecheck"] + smoke_ops
-                                 + ["--backends", "cuda"]], "sanitizer.log", lane="sanitizer",
+              dict(shared_cpu, PYTORCH_NO_CUDA_MEMORY_CACHING="1"), lane="sanitizer",
               after=needs_build),
+        Stage("racecheck", 90, [sanitizer + ["--tool", "racecheck"] + smoke_ops
+                                + ["--backends", "cuda"]], "sanitizer.log", shared_cpu,
+              lane="sanitizer", after=needs_build),
         # The target's size first; the benchmark writes its CSV and markdown after each size,
-        # so a timeout keeps the sizes measured (bench/cosine-softmax-bf16.*).
-        Stage("bench-rows", 180, [bench + [
+        # so a timeout keeps the sizes measured (bench/cosine-softmax-bf16.*). It needs the
+        # build (backend cuda) and the peers, which --only brings along.
+        Stage("bench-rows", 165, [bench + [
             "--device", "cuda", "--ops", "normface", "--passes", "fwd_bwd", "--B", "1024",
             "--D", "512", "--C", ",".join(str(c) for c in BENCH_CLASSES), "--dtypes",
             "bfloat16", "--backends", "triton,cuda,gemm_floor,reference,torch_compile,"
             "liger_flce,cce", "--compile", "--no-targets", "--name", "cosine-softmax-bf16"]],
-              "bench.log", lane="measure",
+              "bench.log", lane="measure", requires=("build", "peers"), min_seconds=60,
               what="B=1024, D=512, C=" + ", ".join(f"{c:,}" for c in BENCH_CLASSES)),
-        Stage("profile", 75, [[py, "scripts/gpu_profile.py", "--out", work.bench]], "bench.log",
-              lane="measure", what="ceilings, and every kernel of a step at C=1M"),
-        # Only the kernels the profile has a cost model for (about 25 launches, not 250).
+        Stage("profile", 60, [[py, "scripts/gpu_profile.py", "--out", work.bench]], "bench.log",
+              lane="measure", requires=needs_build, min_seconds=30,
+              what="ceilings, and every kernel of a step at C=1M"),
+        # Only the kernels the profile has a cost model for (about 25 launches, not 250); not
+        # started with less than a minute left (ncu writes its report only at the end).
         Stage("ncu", 90, [[find_tool("ncu"), "--clock-control", "none", "--profile-from-start",
                            "off", "--kernel-name", f"regex:{ncu_kernels_regex()}",
                            "--launch-count", "64", "--export", work.ncu_report,
@@ -202,7 +219,8 @@ def stages(py, out, work, jobs):
                           + [py, "scripts/gpu_profile.py", "--ncu"],
                           [py, "scripts/gpu_check.py", "--ncu-table",
                            work.ncu_report + ".ncu-rep", work.bench]], "bench.log",
-              lane="measure", what="one step of each backend under Nsight Compute"),
+              lane="measure", requires=needs_build, min_seconds=60,
+              what="one step of each backend under Nsight Compute"),
     ]
 
 
@@ -335,8 +353,13 @@ def make_snapshot(tree, exclude=()):
 def _run(cmd, env, timeout, log, cwd=ROOT):
     """Runs cmd in its own process group (a timeout kills its children too: pytest workers,
     the program under compute-sanitizer). Returns the exit status, or None on a timeout."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    try:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    except OSError as error:   # e.g. a tool that is not there: a failed stage, not a crash
+        log.write(f"cannot run {cmd[0]}: {error}\n")
+        log.flush()
+        return 127
     try:
         return proc.wait(timeout=max(1, timeout))
     except subprocess.TimeoutExpired:
@@ -375,8 +398,8 @@ def run_stage(stage, out, deadline, driver_log, work=None):
     if stage.skip_why or unmet:
         stage.status = f"skipped ({stage.skip_why or ', '.join(unmet) + ' did not pass'})"
         return
-    if left < 10:
-        stage.status = "skipped (budget)"
+    if left < stage.min_seconds:
+        stage.status = f"skipped (budget: {max(0, left):.0f} s left)"
         return
     timeout = min(stage.cap, left)
     start = time.monotonic()
@@ -596,7 +619,9 @@ def ncu_kernels(csv_text):
     """One dict per profiled launch from `ncu --csv --page details`: kernel name, and the
     metrics of NCU_METRICS (value with its unit)."""
     launches = {}
-    for row in csv.DictReader(io.StringIO(csv_text)):
+    lines = csv_text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), len(lines))
+    for row in csv.DictReader(io.StringIO("\n".join(lines[start:]))):
         launch_id = row.get("ID")
         if launch_id is None or not row.get("Kernel Name"):
             continue
@@ -615,8 +640,8 @@ def ncu_table(report, bench_dir):
     """Exports an ncu report to bench_dir/ncu.csv and prints one line per kernel name (its
     first launch): duration, SM and memory throughput, occupancy, registers."""
     ncu = find_tool("ncu")
-    run = subprocess.run([ncu, "--import", report, "--csv", "--page", "details"],
-                         capture_output=True, text=True)
+    run = subprocess.run([ncu, "--import", report, "--csv", "--page", "details",
+                          "--print-kernel-base", "function"], capture_output=True, text=True)
     if run.returncode != 0:
         print(run.stdout[-2000:], run.stderr[-2000:])
         return 1
@@ -646,7 +671,7 @@ def main(argv=None):
     parser.add_argument("out", nargs="?", default="gpu-check-out", help="DIR for the results")
     parser.add_argument("--dry-run", action="store_true", help="print the stages, run nothing")
     parser.add_argument("--budget", type=int, default=int(os.environ.get("GPU_CHECK_BUDGET",
-                                                                         540)))
+                                                                         BUDGET)))
     parser.add_argument("--only", default="", help="comma-separated stage names")
     parser.add_argument("--skip", default="", help="comma-separated stage names")
     parser.add_argument("--python", default=sys.executable, help="python with torch")
@@ -668,7 +693,11 @@ def main(argv=None):
         unknown = [n for n in option.split(",") if n and n not in names]
         if unknown:
             parser.error(f"unknown stage(s) {unknown}; stages: {', '.join(names)}")
-    chosen = [s for s in all_stages if (not args.only or s.name in args.only.split(","))
+    only = {n for n in args.only.split(",") if n}
+    for stage in all_stages:   # --only brings along what a chosen stage needs (the build...)
+        if stage.name in only:
+            only.update(stage.requires)
+    chosen = [s for s in all_stages if (not only or s.name in only)
               and s.name not in args.skip.split(",")]
 
     if args.dry_run:
@@ -712,7 +741,7 @@ def main(argv=None):
     for name in FILES:
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
-    if any(s.carried for s in chosen):
+    if all_stages[0].carried:   # also when the build stage is not chosen
         install_carried_build()
     if any(s.lane == "triton" for s in chosen):
         make_snapshot(work.tree, exclude=[out])
@@ -728,12 +757,12 @@ def main(argv=None):
     driver_log.write(f"{info}\n")
     try:
         run_all(chosen, out, work, args.budget, driver_log, on_done)
-    finally:
+    finally:   # whatever happened, what was measured travels back
         driver_log.close()
-    pack_results(out, work.bench)
-    cap_files(out)
-    summary = write_summary(out, chosen, info, started, args.budget)
-    print("\n".join(summary))
+        pack_results(out, work.bench)
+        cap_files(out)
+        summary = write_summary(out, chosen, info, started, args.budget)
+        print("\n".join(summary))
     return 0 if all(s.status.startswith("passed") or s.skip_why for s in chosen) else 1
 
 

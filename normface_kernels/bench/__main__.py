@@ -85,15 +85,29 @@ def config_from_args(args):
                   progress=not args.no_progress)
 
 
+def _done_line(row):
+    time_ms = f"{row.median_ms:.3f} ms" if row.median_ms else row.status
+    return (f"done {row.op} B={row.B} D={row.D} C={row.C} {row.dtype} {row.pass_name} "
+            f"{row.backend}: {time_ms}" + (f"; check {row.check}" if row.check else ""))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)   # the memory worker inherits it
+    shown = set()
+
     def partial(report):
         # After each case: the CSV and markdown of what is measured so far, so that a run
         # stopped early (a time limit, Ctrl-C) keeps it. The plots come at the end.
         report.write(args.out, args.name, plots=False)
+        if args.no_progress:   # no progress bar: a line per finished row, for logs
+            for row in report.rows:
+                key = row.case_key + (row.backend,)
+                if key not in shown:
+                    shown.add(key)
+                    print(_done_line(row), flush=True)
 
     report = run(config_from_args(args), on_case=None if args.no_write else partial)
     print(report.text())
