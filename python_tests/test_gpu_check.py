@@ -89,11 +89,14 @@ def test_results_fit_the_device_tools_limits(tmp_path):
     assert big.stat().st_size <= 16 * 2 ** 20
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "rows.csv").write_text("op,C\nnormface,16384\n")
-    (tmp_path / ".ext").mkdir()
-    (tmp_path / ".ext" / "SOURCES").write_text("abc\n")
-    gpu_check.pack_results(str(tmp_path), str(tmp_path / "bench"))
+    package = tmp_path / "package"
+    package.mkdir()
+    (package / "_build_info.py").write_text("CUDA = True\n")
+    gpu_check.pack_results(str(tmp_path), str(tmp_path / "bench"), str(package))
     with tarfile.open(tmp_path / "results.tar.gz") as tar:
-        assert sorted(tar.getnames()) == ["bench/rows.csv", "ext/SOURCES"]
+        assert sorted(tar.getnames()) == ["bench/rows.csv", "ext/SOURCES", "ext/_build_info.py"]
+        sources = tar.extractfile("ext/SOURCES").read().decode().strip()
+    assert sources == gpu_check.source_digest()
     for stage in stages:
         stage.status, stage.seconds, stage.key = "passed", 1.0, ["k"]
     stages[4].status = "TIMED OUT (150 s)"

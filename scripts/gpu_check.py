@@ -49,6 +49,7 @@ Without a CUDA GPU it stops at once with a message (exit 2); exit 1 if any stage
 """
 
 import argparse
+import collections
 import csv
 import glob
 import hashlib
@@ -111,6 +112,7 @@ class Stage:
     seconds: float = 0.0
     key: list = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
+    waits_for: list = field(default_factory=list)   # the chosen stages of `after` (run_all)
 
     def __post_init__(self):
         self.requires = tuple(dict.fromkeys(self.requires + self.after))
@@ -322,19 +324,6 @@ def install_carried_build(carried=CARRIED_EXT, package=os.path.join(ROOT, "normf
             shutil.copy2(os.path.join(carried, name), os.path.join(package, name))
 
 
-def pack_build(out):
-    """ext/ of results.tar.gz: the extension just built, _build_info.py, and SOURCES."""
-    package = os.path.join(ROOT, "normface_kernels")
-    files = glob.glob(os.path.join(package, "_C*.so")) + [os.path.join(package,
-                                                                       "_build_info.py")]
-    staged = os.path.join(out, ".ext")
-    os.makedirs(staged, exist_ok=True)
-    for path in filter(os.path.isfile, files):
-        shutil.copy2(path, staged)
-    with open(os.path.join(staged, "SOURCES"), "w") as f:
-        f.write(source_digest() + "\n")
-
-
 def make_snapshot(tree, exclude=()):
     """A copy of the repository (sources and tests, no builds or results) at `tree`."""
     exclude = {os.path.abspath(p) for p in exclude}
@@ -394,7 +383,7 @@ class DriverLog:
 def run_stage(stage, out, deadline, driver_log, work=None):
     work = work or Work(tempfile.gettempdir())
     left = deadline - time.monotonic() - RESERVE
-    unmet = [s.name for s in getattr(stage, "waits_for", []) if not s.status.startswith("passed")]
+    unmet = [s.name for s in stage.waits_for if not s.status.startswith("passed")]
     if stage.skip_why or unmet:
         stage.status = f"skipped ({stage.skip_why or ', '.join(unmet) + ' did not pass'})"
         return
@@ -433,23 +422,21 @@ def run_stage(stage, out, deadline, driver_log, work=None):
     stage.key = key_numbers(stage, text[text.rfind(first):])
 
 
-def run_lane(lane, out, deadline, driver_log, work, on_done=None):
+def run_lane(lane, out, deadline, driver_log, work):
     """The stages of one lane in order, each after the stages it waits for have ended."""
     for stage in lane:
-        for other in getattr(stage, "waits_for", []):
+        for other in stage.waits_for:
             other.done.wait(max(0.0, deadline - time.monotonic()))
         driver_log.write(f"== {stage.name} (cap {stage.cap} s, {stage.lane} lane)\n", True)
         try:
             run_stage(stage, out, deadline, driver_log, work)
         finally:
             stage.done.set()
-        if on_done:
-            on_done(stage)
         driver_log.write(f"   {stage.name}: {stage.status} in {stage.seconds:.0f} s"
                          + (f": {stage.key[0]}" if stage.key else "") + "\n", True)
 
 
-def run_all(chosen, out, work, budget, driver_log, on_done=None):
+def run_all(chosen, out, work, budget, driver_log):
     """The checks phase (lanes side by side, until the measure phase's time), then the measure
     phase (one stage at a time)."""
     started = time.monotonic()
@@ -464,13 +451,13 @@ def run_all(chosen, out, work, budget, driver_log, on_done=None):
         if stage.lane != "measure":
             lanes.setdefault(stage.lane, []).append(stage)
     threads = [threading.Thread(target=run_lane, args=(lane, out, checks_deadline, driver_log,
-                                                      work, on_done), daemon=True)
+                                                      work), daemon=True)
                for lane in lanes.values()]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    run_lane(measure, out, started + budget, driver_log, work, on_done)
+    run_lane(measure, out, started + budget, driver_log, work)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,22 +548,29 @@ def cap_files(out):
                 f.write(head + b"\n\n[... cut to fit 16 MiB ...]\n\n" + tail)
 
 
-def pack_results(out, bench_dir):
-    """results.tar.gz: bench/ (the benchmark's files, profile and ncu tables) and ext/ (the
-    build, when one was made); without the build if that would pass 16 MiB."""
-    staged_ext = os.path.join(out, ".ext")
+def pack_results(out, bench_dir, package=None):
+    """results.tar.gz: bench/ (the benchmark's files, profile and ncu tables) and, when a build
+    was made, ext/ (the extension and _build_info.py of `package`, with SOURCES, the digest of
+    what they were built from); without ext/ if that would pass 16 MiB."""
     path = os.path.join(out, "results.tar.gz")
-    for with_ext in (True, False):
+    build, sources = [], b""
+    if package:
+        build = sorted(glob.glob(os.path.join(package, "_C*.so"))) + [
+            os.path.join(package, "_build_info.py")]
+        sources = (source_digest() + "\n").encode()
+    for with_build in (bool(build), False):
         with tarfile.open(path, "w:gz") as tar:
             if os.path.isdir(bench_dir):
                 for name in sorted(os.listdir(bench_dir)):
                     tar.add(os.path.join(bench_dir, name), arcname=f"bench/{name}")
-            if with_ext and os.path.isdir(staged_ext):
-                for name in sorted(os.listdir(staged_ext)):
-                    tar.add(os.path.join(staged_ext, name), arcname=f"ext/{name}")
+            if with_build:
+                info = tarfile.TarInfo("ext/SOURCES")
+                info.size = len(sources)
+                tar.addfile(info, io.BytesIO(sources))
+                for name in filter(os.path.isfile, build):
+                    tar.add(name, arcname=f"ext/{os.path.basename(name)}")
         if os.path.getsize(path) <= MAX_FILE:
             break
-    shutil.rmtree(staged_ext, ignore_errors=True)
 
 
 def machine_info(py):
@@ -649,16 +643,14 @@ def ncu_table(report, bench_dir):
     with open(os.path.join(bench_dir, "ncu.csv"), "w") as f:
         f.write(run.stdout)
     launches = ncu_kernels(run.stdout)
-    seen = {}
+    first, count = {}, collections.Counter(launch["kernel"] for launch in launches)
     for launch in launches:
-        seen.setdefault(launch["kernel"][:60], (launch, 0))
-        first, count = seen[launch["kernel"][:60]]
-        seen[launch["kernel"][:60]] = (first, count + 1)
-    columns = [v for v in NCU_METRICS.values()]
+        first.setdefault(launch["kernel"], launch)
+    columns = list(NCU_METRICS.values())
     print("kernel (first launch) | launches | " + " | ".join(columns))
-    for name, (first, count) in seen.items():
-        print(f"{name} | {count} | " + " | ".join(first.get(c, "") for c in columns))
-    print(f"KEY ncu: {len(launches)} launches of {len(seen)} kernels profiled (ncu.csv)")
+    for name, launch in first.items():
+        print(f"{name} | {count[name]} | " + " | ".join(launch.get(c, "") for c in columns))
+    print(f"KEY ncu: {len(launches)} launches of {len(first)} kernels profiled (ncu.csv)")
     return 0
 
 
@@ -749,17 +741,15 @@ def main(argv=None):
     print(f"gpu-check: {info}; {len(chosen)} stages, budget {args.budget} s -> {out}",
           flush=True)
 
-    def on_done(stage):
-        if stage.name == "build" and stage.status == "passed" and not stage.carried:
-            pack_build(out)
-
     driver_log = DriverLog(os.path.join(out, "gpu-check.log"))
     driver_log.write(f"{info}\n")
     try:
-        run_all(chosen, out, work, args.budget, driver_log, on_done)
+        run_all(chosen, out, work, args.budget, driver_log)
     finally:   # whatever happened, what was measured travels back
         driver_log.close()
-        pack_results(out, work.bench)
+        built = any(s.name == "build" and s.status == "passed" and not s.carried
+                    for s in chosen)
+        pack_results(out, work.bench, os.path.join(ROOT, "normface_kernels") if built else None)
         cap_files(out)
         summary = write_summary(out, chosen, info, started, args.budget)
         print("\n".join(summary))
