@@ -150,8 +150,13 @@ def first_pass(runner):
     return out.detach().double().item()
 
 
+def _relative(error, scale):
+    """error / scale, or the error itself where the expected value is 0."""
+    return error / scale if scale else error
+
+
 def relative_error(got, want):
-    return abs(got - want) / abs(want) if want else abs(got - want)
+    return _relative(abs(got - want), abs(want))
 
 
 def normwise_error(got, want):
@@ -160,8 +165,7 @@ def normwise_error(got, want):
     if got is None:
         return 1.0 if scale else 0.0
     diff = got.detach().to(want.dtype, copy=True).sub_(want)   # one temporary, not two
-    error = torch.linalg.vector_norm(diff).item()
-    return error / scale if scale else error
+    return _relative(torch.linalg.vector_norm(diff).item(), scale)
 
 
 def weight_errors(got, want, labels):
@@ -177,8 +181,7 @@ def weight_errors(got, want, labels):
     negative[labels] = False
 
     def ratio(d, w):
-        d, w = math.sqrt(d.sum().item()), math.sqrt(w.sum().item())
-        return d / w if w else d
+        return _relative(math.sqrt(d.sum().item()), math.sqrt(w.sum().item()))
     out = {"grad_w": ratio(diff_sq, want_sq)}
     if negative.any():
         out["grad_w_neg"] = ratio(diff_sq[negative], want_sq[negative])

@@ -36,7 +36,8 @@ LEGEND = (
     ("mem x best", "extra MiB / that of the same `best` backend as for x best"),
     ("check", "one forward+backward before the timing against the eager reference on the same "
               "inputs, upcast to float32 (float64 stays float64): the loss's relative error and "
-              "the larger normwise relative error of the gradients w.r.t. features and weight "
+              "the largest normwise relative error of the gradients w.r.t. features and weight "
+              "(grad W also over the classes that are no sample's label alone) "
               "(\"loss only\" for peers whose leaves are other tensors: pre-normalized copies, "
               "pml's own W; n/a for gemm_floor). MISMATCH names what exceeds the tolerance, "
               "loss / grad: " + "; ".join(
@@ -78,6 +79,11 @@ class Row:
     status: str = ""
     tag: str = ""
     note: str = ""
+
+    @property
+    def disagrees(self):
+        """Whether the check found this row's result off the reference's."""
+        return self.check.startswith(check.MISMATCH)
 
     @property
     def case_key(self):
@@ -215,13 +221,13 @@ class Report:
             by_name = {r.backend: r for r in rows}
             # A row that disagrees with the reference is no one's baseline.
             timed = [r for r in rows if r.median_ms and r.backend in OURS_FAST
-                     and not r.check.startswith(check.MISMATCH)]
+                     and not r.disagrees]
             if not timed and by_name.get("reference") and by_name["reference"].median_ms:
                 timed = [by_name["reference"]]
             best = min(timed, key=lambda r: r.median_ms) if timed else None
             if best is None:   # memory-only cases: the smallest of ours
                 held = [r for r in rows if r.peak_mem_mb is not None and r.backend in OURS_FAST
-                        and not r.check.startswith(check.MISMATCH)]
+                        and not r.disagrees]
                 best = min(held, key=lambda r: r.peak_mem_mb) if held else None
             floor = by_name.get("gemm_floor")
             for row in rows:
@@ -266,7 +272,7 @@ class Report:
                 continue
             ok = ratio <= limit if op == "<=" else ratio < limit
             detail = f"cpu {a:.4g} {unit} vs reference {b:.4g} {unit}"
-            wrong = [r.backend for r in (cpu, ref) if r.check.startswith(check.MISMATCH)]
+            wrong = [r.backend for r in (cpu, ref) if r.disagrees]
             if wrong:  # a fast wrong answer passes nothing
                 ok, detail = False, detail + f"; {', '.join(wrong)} disagrees with the reference"
             out.append((label, ratio, f"{op} {limit:g}", "PASS" if ok else "FAIL", detail))
@@ -288,7 +294,7 @@ class Report:
         """The [CHECK] summary: the rows that disagree with the reference, or that all checked
         rows agree; then the rows whose check could not run. Empty when nothing was checked."""
         checked = [r for r in self.rows if r.check.startswith(("ok", check.MISMATCH))]
-        bad = [r for r in checked if r.check.startswith(check.MISMATCH)]
+        bad = [r for r in checked if r.disagrees]
         failed = [r for r in self.rows if r.check.startswith(("error", "not checked"))]
         lines = []
         if bad:
@@ -368,15 +374,11 @@ class Report:
         out += self.check_lines()
         return "\n".join(out)
 
-    def stem(self):
-        """The default file stem: DEVICE-MODE-DATE."""
-        return f"{self.env.device}-{self.mode or 'custom'}-{self.env.date[:10]}"
-
     def write(self, out_dir, stem=None, plots=True):
         """Write STEM.csv, STEM.md and STEM.png (when matplotlib is there and `plots`); returns
         the paths."""
         os.makedirs(out_dir, exist_ok=True)
-        stem = stem or self.stem()
+        stem = stem or f"{self.env.device}-{self.mode or 'custom'}-{self.env.date[:10]}"
         paths = [os.path.join(out_dir, stem + ".csv")]
         with open(paths[0], "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
